@@ -1,0 +1,158 @@
+"""The online service's Redis adapter: one ``MGET`` per request, short timeouts, a circuit breaker.
+
+The active generation of the serving model version is cached in-process and refreshed in the
+background (``refresh_generation``), so a request costs exactly one round trip. Write-backs of
+freshly scored entities are fire-and-forget: they never hold up an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from scoring_service.cache_layout import (
+    CUSTOMER,
+    ONLINE_GENERATION,
+    TERMINAL,
+    CacheEntry,
+    active_generation_key,
+    entity_key,
+)
+from scoring_service.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class CircuitBreaker:
+    """Opens after ``failures`` consecutive errors; after ``reset_s`` lets one trial call through."""
+
+    def __init__(self, failures: int, reset_s: float) -> None:
+        self.failures_to_open = failures
+        self.reset_s = reset_s
+        self.consecutive_failures = 0
+        self.opened_at: float | None = None
+        self._trial_in_flight = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if time.monotonic() - self.opened_at >= self.reset_s else "open"
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        if time.monotonic() - self.opened_at >= self.reset_s and not self._trial_in_flight:
+            self._trial_in_flight = True
+            return True
+        return False
+
+    def success(self) -> None:
+        if self.opened_at is not None:
+            log.info("redis.breaker_closed")
+        self.consecutive_failures = 0
+        self.opened_at = None
+        self._trial_in_flight = False
+
+    def failure(self) -> None:
+        self.consecutive_failures += 1
+        self._trial_in_flight = False
+        if self.opened_at is not None:
+            self.opened_at = time.monotonic()  # trial failed: stay open another period
+        elif self.consecutive_failures >= self.failures_to_open:
+            self.opened_at = time.monotonic()
+            log.warning("redis.breaker_open", failures=self.consecutive_failures)
+
+
+class CacheUnavailable(Exception):
+    """The cache could not be read in time (timeout, connection error, or breaker open)."""
+
+
+class EntityCache:
+    def __init__(self, url: str, *, timeout_s: float, ttl_s: int, breaker: CircuitBreaker) -> None:
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=256,
+            health_check_interval=0,
+        )
+        self.timeout_s = timeout_s
+        self.ttl_s = ttl_s
+        self.breaker = breaker
+        self._generations: dict[str, str] = {}
+        self._pending_writes: set[asyncio.Task[None]] = set()
+
+    def generation(self, model_version: str) -> str:
+        return self._generations.get(model_version, ONLINE_GENERATION)
+
+    async def refresh_generation(self, model_version: str) -> str:
+        """Re-read which generation is active for ``model_version`` (one GET; breaker-guarded)."""
+        if not self.breaker.allow():
+            return self.generation(model_version)
+        try:
+            raw = await asyncio.wait_for(self._client.get(active_generation_key(model_version)), self.timeout_s * 4)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure()
+            log.debug("redis.generation_refresh_failed", error=str(exc))
+            return self.generation(model_version)
+        self.breaker.success()
+        gen = raw.decode() if raw else ONLINE_GENERATION
+        if self._generations.get(model_version) != gen:
+            log.info("cache.generation", model_version=model_version, generation=gen)
+        self._generations[model_version] = gen
+        return gen
+
+    async def get_pair(
+        self, model_version: str, customer_id: str, terminal_id: str, timeout_s: float
+    ) -> tuple[CacheEntry | None, CacheEntry | None]:
+        """Both entities' entries in one round trip; raises CacheUnavailable instead of waiting."""
+        if not self.breaker.allow():
+            raise CacheUnavailable("circuit breaker open")
+        gen = self.generation(model_version)
+        keys = (
+            entity_key(model_version, gen, CUSTOMER, customer_id),
+            entity_key(model_version, gen, TERMINAL, terminal_id),
+        )
+        try:
+            raw_c, raw_t = await asyncio.wait_for(self._client.mget(keys), min(timeout_s, self.timeout_s))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure()
+            raise CacheUnavailable(type(exc).__name__) from exc
+        self.breaker.success()
+        return (CacheEntry.decode(raw_c) if raw_c else None, CacheEntry.decode(raw_t) if raw_t else None)
+
+    def write_back(self, model_version: str, entries: Sequence[tuple[str, str, CacheEntry]]) -> None:
+        """Store freshly computed entries ((kind, id, entry)) in the background, under the active generation."""
+        if not entries or self.breaker.state == "open":
+            return
+        gen = self.generation(model_version)
+        task = asyncio.get_running_loop().create_task(self._write(model_version, gen, entries))
+        self._pending_writes.add(task)
+        task.add_done_callback(self._pending_writes.discard)
+
+    async def _write(self, model_version: str, gen: str, entries: Sequence[tuple[str, str, CacheEntry]]) -> None:
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for kind, entity_id, entry in entries:
+                    # NX: never overwrite an entry a batch run (or a concurrent request) wrote.
+                    pipe.set(entity_key(model_version, gen, kind, entity_id), entry.encode(), ex=self.ttl_s, nx=True)
+                await asyncio.wait_for(pipe.execute(), self.timeout_s * 10)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure()
+            log.warning("cache.write_back_failed", error=type(exc).__name__)
+
+    async def drain(self) -> None:
+        if self._pending_writes:
+            await asyncio.gather(*self._pending_writes, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain()
+        await self._client.aclose()
+
+
+__all__ = ["CUSTOMER", "TERMINAL", "CacheEntry", "CacheUnavailable", "CircuitBreaker", "EntityCache"]

@@ -1,0 +1,105 @@
+"""How a payment's risk score and decision are made from entity scores and transaction rules.
+
+One module, imported by the online service and the batch jobs (the backtest), so the rules are
+the same everywhere.
+
+Cache answers (no model call)::
+
+    base       = max(customer.risk_score, terminal.risk_score)       # either entity compromised
+    risk_score = max(base, floors triggered by the payment itself)
+
+Each entity's cached ``risk_score`` is the model's highest score over that entity's recent
+payments (see ``entity_scoring``): the probability that the card, or the terminal, is
+compromised now. The payment-level rules come from the active model version's ``policy``,
+learned from its training data:
+
+* ``amount >= high_amount`` raises the score to the decline threshold (AMOUNT_ABOVE_HIGH_LIMIT);
+* ``amount / customer's 30-day average >= amount_ratio_decline`` raises it to the decline
+  threshold, ``>= amount_ratio_review`` to the review threshold (AMOUNT_HIGH_VS_CUSTOMER_USUAL).
+
+Model answers use the model's probability for this payment as ``risk_score``; the same floors
+apply, so a rule never says less on the model path than on the cache path.
+
+Decision: ``risk_score >= thresholds["decline"]`` -> DECLINE, ``>= thresholds["review"]`` ->
+REVIEW, else APPROVE; both thresholds belong to the active model version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Reason = tuple[str, str, float]
+
+APPROVE, REVIEW, DECLINE = "APPROVE", "REVIEW", "DECLINE"
+DECISIONS = (APPROVE, REVIEW, DECLINE)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    review: float
+    decline: float
+    high_amount: float = float("inf")
+    amount_ratio_review: float = float("inf")
+    amount_ratio_decline: float = float("inf")
+    min_history: float = 3.0  # payments in 30 days before the customer's average is trusted
+
+    @classmethod
+    def of(cls, thresholds: dict[str, float], policy: dict[str, float] | None) -> Policy:
+        p = policy or {}
+        return cls(
+            review=float(thresholds["review"]),
+            decline=float(thresholds["decline"]),
+            high_amount=float(p.get("high_amount", float("inf"))),
+            amount_ratio_review=float(p.get("amount_ratio_review", float("inf"))),
+            amount_ratio_decline=float(p.get("amount_ratio_decline", float("inf"))),
+            min_history=float(p.get("min_history", 3.0)),
+        )
+
+    def decide(self, risk_score: float) -> str:
+        if risk_score >= self.decline:
+            return DECLINE
+        if risk_score >= self.review:
+            return REVIEW
+        return APPROVE
+
+    def payment_floor(self, amount: float, customer_state: dict[str, float] | None) -> tuple[float, Reason | None]:
+        """The lowest score this payment alone deserves, and the rule that set it."""
+        if amount >= self.high_amount:
+            return self.decline, ("AMOUNT_ABOVE_HIGH_LIMIT", "amount", amount)
+        if customer_state:
+            usual = float(customer_state.get("avg_amount_30d", 0.0) or 0.0)
+            history = float(customer_state.get("nb_tx_30d", 0.0) or 0.0)
+            if usual > 0 and history >= self.min_history:
+                ratio = amount / usual
+                if ratio >= self.amount_ratio_decline:
+                    return self.decline, ("AMOUNT_HIGH_VS_CUSTOMER_USUAL", "amount_to_avg_30d", ratio)
+                if ratio >= self.amount_ratio_review:
+                    return self.review, ("AMOUNT_HIGH_VS_CUSTOMER_USUAL", "amount_to_avg_30d", ratio)
+        return 0.0, None
+
+    def apply(
+        self, base_score: float, base_reasons: Sequence[Reason], amount: float, customer_state: dict[str, float] | None,
+        top_k: int = 3,
+    ) -> tuple[float, list[Reason]]:
+        """Raise ``base_score`` to the payment's floor; ``base_reasons`` come most important first."""
+        floor, rule = self.payment_floor(amount, customer_state)
+        reasons = list(base_reasons)
+        if rule is not None and floor > base_score:
+            return floor, [rule, *reasons][:top_k]
+        return base_score, reasons[:top_k]
+
+
+def combine_entities(
+    customer: tuple[float, Sequence[Reason]] | None, terminal: tuple[float, Sequence[Reason]] | None
+) -> tuple[float, list[Reason]]:
+    """Entity scores -> the payment's base score (the max) and the reasons of the riskier entity first."""
+    parts: list[tuple[float, list[Reason]]] = []
+    if customer is not None:
+        parts.append((customer[0], [("CUSTOMER_" + c, f, x) for c, f, x in customer[1]]))
+    if terminal is not None:
+        parts.append((terminal[0], [("TERMINAL_" + c, f, x) for c, f, x in terminal[1]]))
+    if not parts:
+        return 0.0, []
+    parts.sort(key=lambda p: -p[0])
+    return parts[0][0], [r for _, rs in parts for r in rs]

@@ -1,0 +1,46 @@
+"""Shared fixtures: real servers, started once per session and stopped at the end."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers.common import REPO_ROOT
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def handbook_path() -> Path | None:
+    path = Path(
+        os.environ.get(
+            "FRAUDSCORE_HANDBOOK",
+            REPO_ROOT.parent / "shared" / "data" / "handbook" / "transactions-2018-04-01_2018-08-31.parquet",
+        )
+    )
+    return path if path.exists() else None
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[object]:
+    from tests.servers.redis import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:  # type: ignore[no-untyped-def]
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    from tests.servers.postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server.url
+    server.stop()

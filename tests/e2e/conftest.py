@@ -1,0 +1,55 @@
+"""A trained model in a registry, a real Redis and the real service, for end-to-end tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from scoring_service.config import Settings
+from scoring_service.lifecycle import open_registry, train_and_register
+from scoring_service.registry import ModelRecord
+from tests.servers.redis import RedisServer
+from tests.servers.scorer import ScorerProcess
+
+
+@pytest.fixture(scope="session")
+def model_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder whose SQLite registry holds one active model, trained on simulated payments."""
+    from scoring_service.simulator import simulate
+
+    data_dir = tmp_path_factory.mktemp("fs-e2e")
+    settings = Settings(data_dir=data_dir)
+    payments = simulate(n_customers=400, n_terminals=800, start_date="2018-04-01", n_days=50, seed=11)
+    train_and_register(settings, open_registry(settings), payments=payments, activate=True, description="e2e")
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def active_model(model_data_dir: Path) -> ModelRecord:
+    record = open_registry(Settings(data_dir=model_data_dir)).active()
+    assert record is not None
+    return record
+
+
+@pytest.fixture(scope="module")
+def scorer(model_data_dir: Path, redis_url: str) -> Iterator[ScorerProcess]:
+    proc = ScorerProcess(model_data_dir, redis_url, env={"FRAUDSCORE_REGISTRY_POLL_S": "0.5"}).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def stub(scorer: ScorerProcess) -> Iterator[object]:
+    with grpc.insecure_channel(scorer.address) as channel:
+        yield scorer.stub(channel)
+
+
+@pytest.fixture()
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of the test's own, which it may stop or freeze."""
+    server = RedisServer().start()
+    yield server
+    server.stop()

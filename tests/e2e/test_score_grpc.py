@@ -1,0 +1,216 @@
+"""Score() end to end: real service process, real Redis, real gRPC."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from scoring_service.cache_layout import CUSTOMER, CacheEntry, active_generation_key, entity_key
+from scoring_service.protos import scoring_pb2
+from tests.servers.common import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def request(customer: str, terminal: str = "T1", amount: float = 25.0, **tx) -> scoring_pb2.ScoreRequest:
+    r = scoring_pb2.ScoreRequest(
+        request_id=uuid.uuid4().hex,
+        transaction=scoring_pb2.Transaction(
+            transaction_id=uuid.uuid4().hex, customer_id=customer, terminal_id=terminal, amount=amount, **tx
+        ),
+    )
+    if "timestamp" not in tx:
+        r.transaction.timestamp.GetCurrentTime()
+    return r
+
+
+def new_customer() -> str:
+    return f"cust-{uuid.uuid4().hex[:12]}"
+
+
+def score_until_cached(stub, customer: str, tries: int = 50):
+    """The write-back is asynchronous: ask again until the answer comes from the cache."""
+    for _ in range(tries):
+        resp = stub.Score(request(customer), timeout=2)
+        if resp.source == scoring_pb2.CACHE:
+            return resp
+        time.sleep(0.05)
+    return resp
+
+
+def test_unseen_customer_is_scored_by_the_model_then_served_from_cache(stub, active_model):
+    customer = new_customer()
+    first = stub.Score(request(customer), timeout=2)
+    assert first.source == scoring_pb2.MODEL
+    assert first.model_version == active_model.version
+    assert 0.0 <= first.risk_score <= 1.0
+    assert first.decision in (scoring_pb2.APPROVE, scoring_pb2.REVIEW, scoring_pb2.DECLINE)
+    assert first.reasons and first.reasons[0].code and first.reasons[0].feature
+    assert not first.degraded
+    again = score_until_cached(stub, customer)
+    assert again.source == scoring_pb2.CACHE
+    assert again.model_version == active_model.version
+    assert again.scored_at.seconds >= first.scored_at.seconds - 1
+
+
+def test_answer_echoes_ids_and_generates_a_request_id(stub):
+    r = request(new_customer())
+    r.request_id = ""
+    resp = stub.Score(r, timeout=2)
+    assert resp.transaction_id == r.transaction.transaction_id
+    assert len(resp.request_id) == 32
+
+
+def test_zero_amount_is_accepted(stub):
+    assert stub.Score(request(new_customer(), amount=0.0), timeout=2).source == scoring_pb2.MODEL
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: setattr(r.transaction, "amount", -1.0), "transaction.amount"),
+        (lambda r: setattr(r.transaction, "amount", float("nan")), "transaction.amount"),
+        (lambda r: setattr(r.transaction, "amount", float("inf")), "transaction.amount"),
+        (lambda r: setattr(r.transaction, "customer_id", ""), "transaction.customer_id"),
+        (lambda r: setattr(r.transaction, "terminal_id", "x" * 500), "transaction.terminal_id"),
+        (lambda r: setattr(r.transaction, "transaction_id", ""), "transaction.transaction_id"),
+        (lambda r: setattr(r.transaction, "currency", "dollars"), "transaction.currency"),
+        (lambda r: r.transaction.timestamp.FromSeconds(5), "transaction.timestamp"),
+        (lambda r: r.ClearField("transaction"), "transaction"),
+    ],
+)
+def test_malformed_requests_get_invalid_argument_naming_the_field(stub, mutate, field):
+    r = request(new_customer())
+    mutate(r)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.Score(r, timeout=2)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith(field + ":")
+
+
+def test_score_batch_answers_in_order_and_rejects_bad_members(stub):
+    customers = [new_customer() for _ in range(5)]
+    reqs = [request(c) for c in customers]
+    resp = stub.ScoreBatch(scoring_pb2.ScoreBatchRequest(requests=reqs), timeout=5)
+    assert [r.transaction_id for r in resp.responses] == [r.transaction.transaction_id for r in reqs]
+    assert all(r.source == scoring_pb2.MODEL for r in resp.responses)
+    bad = [request(c) for c in customers]
+    bad[3].transaction.amount = -5
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ScoreBatch(scoring_pb2.ScoreBatchRequest(requests=bad), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "requests[3].transaction.amount" in exc.value.details()
+
+
+def test_score_batch_keeps_request_order(stub):
+    reqs = [request(new_customer(), amount=float(i)) for i in range(20)]
+    resp = stub.ScoreBatch(scoring_pb2.ScoreBatchRequest(requests=reqs), timeout=5)
+    assert [r.transaction_id for r in resp.responses] == [r.transaction.transaction_id for r in reqs]
+
+
+def test_health_and_reflection(scorer):
+    with grpc.insecure_channel(scorer.address) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="fraudscore.v1.FraudScoring"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        answers = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for a in answers for s in a.list_services_response.service}
+        assert {"fraudscore.v1.FraudScoring", "grpc.health.v1.Health"} <= names
+
+
+def test_precomputed_entry_is_served_with_its_score_and_policy_on_top(stub, active_model, redis_url):
+    client = redis.Redis.from_url(redis_url)
+    gen = (client.get(active_generation_key(active_model.version)) or b"0").decode()
+    customer = new_customer()
+    state = {"nb_tx_30d": 20.0, "avg_amount_30d": 10.0}
+    entry = CacheEntry(0.01, state, active_model.version, 1_700_000_000.0, [("LOW_RISK", "f", -1.0)], gen)
+    client.set(entity_key(active_model.version, gen, CUSTOMER, customer), entry.encode())
+    calm = stub.Score(request(customer, terminal="unknown-terminal", amount=10.0), timeout=2)
+    assert calm.source == scoring_pb2.CACHE
+    assert calm.risk_score == pytest.approx(0.01)
+    assert calm.decision == scoring_pb2.APPROVE
+    assert calm.scored_at.seconds == 1_700_000_000
+    assert calm.reasons[0].code == "CUSTOMER_LOW_RISK"
+    policy = active_model.policy
+    if policy.get("amount_ratio_decline", float("inf")) < 1e6:
+        big = stub.Score(request(customer, amount=10.0 * policy["amount_ratio_decline"] * 1.01), timeout=2)
+        assert big.source == scoring_pb2.CACHE
+        assert big.decision == scoring_pb2.DECLINE
+        assert big.reasons[0].code in ("AMOUNT_HIGH_VS_CUSTOMER_USUAL", "AMOUNT_ABOVE_HIGH_LIMIT")
+
+
+def test_generation_switch_is_picked_up(stub, active_model, redis_url):
+    client = redis.Redis.from_url(redis_url)
+    key = active_generation_key(active_model.version)
+    old = client.get(key)
+    customer = new_customer()
+    entry = CacheEntry(0.99, {"nb_tx_30d": 5.0, "avg_amount_30d": 25.0}, active_model.version, 1.7e9, [], "g-test")
+    client.set(entity_key(active_model.version, "g-test", CUSTOMER, customer), entry.encode())
+    try:
+        assert stub.Score(request(customer), timeout=2).source == scoring_pb2.MODEL  # not in the active generation
+        client.set(key, "g-test")
+        deadline = time.monotonic() + 5
+        resp = None
+        while time.monotonic() < deadline:
+            resp = stub.Score(request(customer), timeout=2)
+            if resp.source == scoring_pb2.CACHE:
+                break
+            time.sleep(0.1)
+        assert resp is not None and resp.source == scoring_pb2.CACHE and resp.risk_score == pytest.approx(0.99)
+        assert resp.decision == scoring_pb2.DECLINE
+    finally:
+        if old is None:
+            client.delete(key)
+        else:
+            client.set(key, old)
+        time.sleep(1.2)
+
+
+def test_cli_score_prints_model_then_cache(scorer):
+    customer = new_customer()
+
+    def run() -> dict:
+        out = subprocess.run(
+            [sys.executable, "-m", "scoring_service.cli", "score", "--customer", customer, "--terminal", "17",
+             "--amount", "99.5", "--address", scorer.address, "--json"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True,
+        )
+        return json.loads(out.stdout)
+
+    assert run()["source"] == "MODEL"
+    for _ in range(20):
+        second = run()
+        if second["source"] == "CACHE":
+            break
+        time.sleep(0.1)
+    assert second["source"] == "CACHE"
+
+
+def test_cli_score_reports_invalid_argument(scorer):
+    out = subprocess.run(
+        [sys.executable, "-m", "scoring_service.cli", "score", "--customer", "1", "--terminal", "2",
+         "--amount", "-3", "--address", scorer.address],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode != 0
+    assert "INVALID_ARGUMENT" in out.stderr and "amount" in out.stderr
+
+
+def test_logs_are_json_and_never_hold_raw_customer_ids(stub, scorer):
+    customer = f"secret-card-{uuid.uuid4().hex}"
+    stub.Score(request(customer), timeout=2)
+    time.sleep(0.3)
+    logs = scorer.logs()
+    assert customer not in logs
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    scored = [x for x in lines if x.get("event") == "score"]
+    assert scored and {"request_id", "source", "latency_ms", "model_version", "customer"} <= scored[-1].keys()

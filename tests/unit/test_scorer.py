@@ -1,0 +1,113 @@
+"""The Score use case with fakes for the cache and the model (the real ones are in tests/e2e)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+
+from scoring_service import features
+from scoring_service.batcher import MicroBatcher
+from scoring_service.cache import CacheUnavailable
+from scoring_service.cache_layout import CacheEntry
+from scoring_service.config import ScoringMode, Settings
+from scoring_service.policy import Policy
+from scoring_service.scorer import CACHE, FALLBACK, MODEL, Scorer, ServingModel
+from scoring_service.validation import Payment
+
+POLICY = Policy(review=0.3, decline=0.7, high_amount=220.0, amount_ratio_review=3.0, amount_ratio_decline=5.0)
+PAYMENT = Payment("t1", "c1", "m1", 30.0, "EUR", time.time())
+
+
+class FakeCache:
+    def __init__(self, customer=None, terminal=None, fail=False):
+        self.customer, self.terminal, self.fail = customer, terminal, fail
+        self.written = []
+
+    def generation(self, _version):
+        return "0"
+
+    async def get_pair(self, *_args):
+        if self.fail:
+            raise CacheUnavailable("down")
+        return self.customer, self.terminal
+
+    def write_back(self, version, entries):
+        self.written.extend(entries)
+
+
+def _serving(delay_s=0.0, prob=0.42):
+    def fn(x):
+        time.sleep(delay_s)
+        assert x.shape[1] == len(features.FEATURE_NAMES)
+        return np.full(len(x), prob), [[("HIGH_X", "x", 1.0)]] * len(x)
+
+    batcher = MicroBatcher(fn, max_size=8, max_wait_s=0.0, executor=ThreadPoolExecutor(1))
+    record = SimpleNamespace(version="v1")
+    return ServingModel(record=record, model=SimpleNamespace(device="cpu"), policy=POLICY, batcher=batcher)
+
+
+def _run(scorer, payment=PAYMENT, budget_s=0.1):
+    async def main():
+        scorer.serving.batcher.start()
+        try:
+            return await scorer.score(payment, time.monotonic() + budget_s)
+        finally:
+            await scorer.serving.batcher.stop()
+
+    return asyncio.run(main())
+
+
+def _scorer(cache, mode=ScoringMode.CACHE_FIRST, **serving):
+    s = Scorer(Settings(mode=mode), cache)
+    s.serving = _serving(**serving)
+    return s
+
+
+def test_miss_runs_the_model_and_writes_the_customer_back():
+    cache = FakeCache()
+    result = _run(_scorer(cache))
+    assert result.source == MODEL and result.risk_score == 0.42 and result.decision == "REVIEW"
+    assert result.reasons == [("HIGH_X", "x", 1.0)] and not result.degraded
+    (kind, entity, entry), = cache.written
+    assert (kind, entity) == ("c", "c1") and entry.risk_score == 0.42 and entry.model_version == "v1"
+    assert entry.state["nb_tx_30d"] >= 1
+
+
+def test_hit_answers_from_cache_without_the_model():
+    entry = CacheEntry(0.05, {"nb_tx_30d": 10.0, "avg_amount_30d": 30.0}, "v1", 123.0, [("A", "a", 0.2)])
+    result = _run(_scorer(FakeCache(customer=entry), delay_s=5.0))  # a model call would blow the budget
+    assert result.source == CACHE and result.risk_score == 0.05 and result.scored_at == 123.0
+    assert result.reasons[0][0] == "CUSTOMER_A"
+
+
+def test_always_model_uses_the_model_even_on_a_hit():
+    entry = CacheEntry(0.05, {"nb_tx_30d": 10.0, "avg_amount_30d": 30.0}, "v1", 123.0)
+    cache = FakeCache(customer=entry)
+    result = _run(_scorer(cache, mode=ScoringMode.ALWAYS_MODEL))
+    assert result.source == MODEL and result.risk_score == 0.42
+    assert cache.written == []  # a known customer is not overwritten by the online path
+
+
+def test_cache_down_is_degraded_but_answered_by_the_model():
+    result = _run(_scorer(FakeCache(fail=True)))
+    assert result.source == MODEL and result.degraded
+
+
+def test_model_past_the_budget_gives_a_degraded_fallback_in_time():
+    scorer = _scorer(FakeCache(), delay_s=0.5)
+    started = time.monotonic()
+    result = _run(scorer, budget_s=0.05)
+    assert time.monotonic() - started < 0.45  # returned before the model finished
+    assert result.source == FALLBACK and result.degraded
+    assert result.reasons[0][0] == "MODEL_UNAVAILABLE" and result.decision == "APPROVE"
+
+
+def test_fallback_still_applies_the_amount_policy():
+    payment = Payment("t1", "c1", "m1", 500.0, "EUR", time.time())
+    result = _run(_scorer(FakeCache(), delay_s=0.5), payment=payment, budget_s=0.05)
+    assert result.source == FALLBACK and result.decision == "DECLINE"
+    assert result.reasons[0][0] == "AMOUNT_ABOVE_HIGH_LIMIT"
