@@ -1,0 +1,180 @@
+"""Loading and running a trained GBDT model (XGBoost UBJSON/JSON or LightGBM text).
+
+Device: large batches (nightly) may run on CUDA when XGBoost can use a GPU; batches smaller than
+``GPU_MIN_ROWS`` always run on the CPU booster (a GPU launch costs ~1 ms; crossover ~1,000 rows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+GPU_MIN_ROWS = 1000
+
+
+class ModelError(Exception):
+    """The model cannot be loaded or used (missing file, checksum mismatch, bad input)."""
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_DEVICE_CACHE: dict[str, str] = {}
+
+
+def _cuda_available() -> bool:
+    """True when XGBoost is built with CUDA and a GPU is visible (cheap checks, never raises)."""
+    if "cuda" in _DEVICE_CACHE:
+        return _DEVICE_CACHE["cuda"] == "1"
+    ok = False
+    try:
+        if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+            raise RuntimeError("no visible device")
+        import xgboost as xgb
+
+        if not xgb.build_info().get("USE_CUDA", False):
+            raise RuntimeError("xgboost without CUDA")
+        has_dev = any(Path("/dev").glob("nvidia[0-9]*"))
+        if not has_dev and shutil.which("nvidia-smi"):
+            r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=5, text=True)
+            has_dev = r.returncode == 0 and "GPU" in r.stdout
+        if has_dev:
+            # a tiny training run on the device proves it works (fails cleanly otherwise)
+            d = xgb.DMatrix(np.array([[0.0], [1.0]]), label=np.array([0.0, 1.0]))
+            xgb.train({"device": "cuda", "tree_method": "hist", "verbosity": 0}, d, 1)
+            ok = True
+    except Exception:  # noqa: BLE001 - any failure means "no usable GPU"
+        ok = False
+    _DEVICE_CACHE["cuda"] = "1" if ok else "0"
+    return ok
+
+
+def choose_device(requested: str = "auto") -> str:
+    """"cpu" or "cuda"; "cuda" only when XGBoost can use a GPU ("auto" and "cuda" both check)."""
+    req = (requested or "auto").lower()
+    if req == "cpu":
+        return "cpu"
+    if req not in ("auto", "cuda", "gpu"):
+        raise ModelError(f"unknown device {requested!r} (auto | cpu | cuda)")
+    return "cuda" if _cuda_available() else "cpu"
+
+
+def _reason_code(feature: str, contribution: float) -> str:
+    base = re.sub(r"[^A-Za-z0-9]+", "_", feature).strip("_").upper()
+    return f"{base}_{'HIGH' if contribution >= 0 else 'LOW'}"
+
+
+class GbdtModel:
+    framework: str
+    feature_names: list[str]
+    device: str
+
+    def __init__(self, framework: str, feature_names: list[str], booster, device: str = "cpu", nthread: int = 1, gpu_booster=None):
+        self.framework = framework
+        self.feature_names = list(feature_names)
+        self.device = device
+        self.nthread = nthread
+        self._booster = booster  # CPU booster
+        self._gpu_booster = gpu_booster  # XGBoost copy on cuda for big batches
+        self._codes_pos = [_reason_code(f, 1.0) for f in self.feature_names]
+        self._codes_neg = [_reason_code(f, -1.0) for f in self.feature_names]
+
+    @classmethod
+    def load(cls, path, framework: str, feature_names: list[str], expected_sha256: str | None = None,
+             device: str = "auto", nthread: int = 1) -> "GbdtModel":
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        if expected_sha256 is not None:
+            actual = sha256_file(path)
+            if actual.lower() != expected_sha256.lower():
+                raise ModelError(f"model file {path} has sha256 {actual}, expected {expected_sha256}: refusing to load it")
+        dev = choose_device(device)
+        try:
+            if framework == "xgboost":
+                import xgboost as xgb
+
+                booster = xgb.Booster(params={"nthread": nthread})
+                booster.load_model(str(path))
+                booster.set_param({"device": "cpu", "nthread": nthread})
+                gpu = None
+                if dev == "cuda":
+                    gpu = xgb.Booster(params={"nthread": nthread})
+                    gpu.load_model(str(path))
+                    gpu.set_param({"device": "cuda"})
+                n_feat = booster.num_features()
+            elif framework == "lightgbm":
+                import lightgbm as lgb
+
+                booster = lgb.Booster(model_file=str(path))
+                gpu = None
+                dev = "cpu"  # LightGBM prediction is CPU only
+                n_feat = booster.num_feature()
+            else:
+                raise ModelError(f"unknown framework {framework!r} (xgboost | lightgbm)")
+        except ModelError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"cannot load {framework} model {path}: {e}") from e
+        if n_feat != len(feature_names):
+            raise ModelError(f"model {path} expects {n_feat} features, {len(feature_names)} feature names given")
+        return cls(framework, feature_names, booster, dev, nthread, gpu)
+
+    def _check(self, X) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim == 1:
+            X = X.reshape(1, -1)
+        if X.ndim != 2 or X.shape[1] != len(self.feature_names):
+            raise ModelError(f"expected an (n, {len(self.feature_names)}) feature matrix, got shape {X.shape}")
+        return X
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        X = self._check(X)
+        if len(X) == 0:
+            return np.empty(0, dtype=np.float64)
+        if self.framework == "xgboost":
+            b = self._gpu_booster if (self._gpu_booster is not None and len(X) >= GPU_MIN_ROWS) else self._booster
+            return np.asarray(b.inplace_predict(X, validate_features=False), dtype=np.float64)
+        return np.asarray(self._booster.predict(X, num_threads=self.nthread), dtype=np.float64)
+
+    def _contribs(self, X: np.ndarray) -> np.ndarray:
+        """(n, F) contributions (log-odds), bias column dropped."""
+        if self.framework == "xgboost":
+            import xgboost as xgb
+
+            b = self._gpu_booster if (self._gpu_booster is not None and len(X) >= GPU_MIN_ROWS) else self._booster
+            c = b.predict(xgb.DMatrix(X, nthread=self.nthread), pred_contribs=True, validate_features=False)
+        else:
+            c = self._booster.predict(X, pred_contrib=True, num_threads=self.nthread)
+        return np.asarray(c)[:, : len(self.feature_names)]
+
+    def explain(self, X: np.ndarray, top_k: int = 3) -> list[list[tuple[str, str, float]]]:
+        X = self._check(X)
+        if len(X) == 0:
+            return []
+        c = self._contribs(X)
+        k = max(0, min(top_k, c.shape[1]))
+        idx = np.argsort(-np.abs(c), axis=1, kind="stable")[:, :k]
+        out = []
+        for i in range(len(c)):
+            row = []
+            for j in idx[i]:
+                v = float(c[i, j])
+                row.append((self._codes_pos[j] if v >= 0 else self._codes_neg[j], self.feature_names[j], v))
+            out.append(row)
+        return out
+
+    def predict_and_explain(self, X, top_k: int = 3) -> tuple[np.ndarray, list[list[tuple[str, str, float]]]]:
+        X = self._check(X)
+        return self.predict(X), self.explain(X, top_k)

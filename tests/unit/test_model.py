@@ -1,0 +1,136 @@
+"""GbdtModel: loading with checks, predictions equal to the booster's, explanations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scoring_service import features as F
+from scoring_service.model import GbdtModel, ModelError, choose_device, sha256_file
+from scoring_service.simulator import simulate
+
+
+@pytest.fixture(scope="module")
+def data():
+    p = F.normalise_handbook(simulate(600, 1200, "2018-04-01", 30, seed=5))
+    X = F.payments_features(p).to_numpy(np.float32)
+    y = (p["is_fraud"].to_numpy() == 1).astype(np.float32)
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def xgb_path(data, tmp_path_factory):
+    import xgboost as xgb
+
+    X, y = data
+    b = xgb.train({"objective": "binary:logistic", "max_depth": 3, "nthread": 1, "seed": 0}, xgb.DMatrix(X, label=y), 20)
+    path = tmp_path_factory.mktemp("m") / "model.ubj"
+    b.save_model(str(path))
+    return path, b
+
+
+@pytest.fixture(scope="module")
+def lgb_path(data, tmp_path_factory):
+    import lightgbm as lgb
+
+    X, y = data
+    b = lgb.train({"objective": "binary", "num_leaves": 7, "num_threads": 1, "verbosity": -1, "seed": 0}, lgb.Dataset(X, label=y), 20)
+    path = tmp_path_factory.mktemp("m") / "model.txt"
+    b.save_model(str(path))
+    return path, b
+
+
+def test_choose_device():
+    assert choose_device("cpu") == "cpu"
+    assert choose_device("auto") in ("cpu", "cuda")
+    assert choose_device("cuda") in ("cpu", "cuda")
+    with pytest.raises(ModelError):
+        choose_device("tpu")
+
+
+def test_load_refuses_missing_and_mismatch(xgb_path, tmp_path):
+    path, _ = xgb_path
+    with pytest.raises(ModelError, match="not found"):
+        GbdtModel.load(tmp_path / "nope.ubj", "xgboost", F.FEATURE_NAMES)
+    with pytest.raises(ModelError, match="sha256"):
+        GbdtModel.load(path, "xgboost", F.FEATURE_NAMES, expected_sha256="0" * 64)
+    with pytest.raises(ModelError, match="features"):
+        GbdtModel.load(path, "xgboost", F.FEATURE_NAMES[:5], device="cpu")
+    with pytest.raises(ModelError):
+        GbdtModel.load(path, "catboost", F.FEATURE_NAMES, device="cpu")
+    m = GbdtModel.load(path, "xgboost", F.FEATURE_NAMES, expected_sha256=sha256_file(path), device="cpu")
+    assert m.device == "cpu" and m.framework == "xgboost" and m.feature_names == F.FEATURE_NAMES
+
+
+@pytest.mark.parametrize("fw", ["xgboost", "lightgbm"])
+def test_predict_matches_booster(fw, data, xgb_path, lgb_path):
+    import xgboost as xgb
+
+    X, _ = data
+    path, booster = xgb_path if fw == "xgboost" else lgb_path
+    m = GbdtModel.load(path, fw, F.FEATURE_NAMES, device="cpu")
+    ref = booster.predict(xgb.DMatrix(X[:500])) if fw == "xgboost" else booster.predict(X[:500])
+    p = m.predict(X[:500])
+    assert p.dtype == np.float64 and p.shape == (500,)
+    np.testing.assert_allclose(p, ref, rtol=1e-6, atol=1e-7)
+    assert ((p >= 0) & (p <= 1)).all()
+    np.testing.assert_allclose(m.predict(X[3]), ref[3:4], rtol=1e-6)  # one row, 1-D input
+    assert m.predict(X[:0]).shape == (0,)
+    with pytest.raises(ModelError):
+        m.predict(X[:2, :5])
+
+
+@pytest.mark.parametrize("fw", ["xgboost", "lightgbm"])
+def test_explain(fw, data, xgb_path, lgb_path):
+    X, y = data
+    path, _ = xgb_path if fw == "xgboost" else lgb_path
+    m = GbdtModel.load(path, fw, F.FEATURE_NAMES, device="cpu")
+    rows = np.r_[np.flatnonzero(y == 1)[:5], np.flatnonzero(y == 0)[:5]]
+    probs, expl = m.predict_and_explain(X[rows], top_k=3)
+    assert len(expl) == len(rows) and all(len(e) == 3 for e in expl)
+    full = m._contribs(X[rows])
+    for i, e in enumerate(expl):
+        mags = [abs(c) for _, _, c in e]
+        assert mags == sorted(mags, reverse=True)
+        assert mags[0] == pytest.approx(np.abs(full[i]).max(), rel=1e-5)
+        for code, feat, contrib in e:
+            assert feat in F.FEATURE_NAMES
+            assert code == feat.upper() + ("_HIGH" if contrib >= 0 else "_LOW")
+    # frauds get a high score, and their top reason pushes the score up
+    assert probs[:5].mean() > probs[5:].mean()
+    assert all(e[0][2] > 0 for e in expl[:5])
+    assert m.explain(X[:1], top_k=100)[0].__len__() == len(F.FEATURE_NAMES)
+
+
+def test_train_on_simulated_payments_is_deterministic_and_loads(tmp_path):
+    from scoring_service.training import choose_thresholds, train_on_payments
+
+    p = F.normalise_handbook(simulate(700, 1400, "2018-04-01", 30, seed=11))
+    r1 = train_on_payments(p, tmp_path / "a", rounds=25)
+    r2 = train_on_payments(p, tmp_path / "b", rounds=25)
+    assert sha256_file(r1.artifact_path) == sha256_file(r2.artifact_path)  # seeded, deterministic
+    assert r1.metrics == r2.metrics and r1.thresholds == r2.thresholds
+    assert set(r1.metrics) == {"auc_roc", "average_precision", "card_precision_at_100"}
+    assert r1.metrics["auc_roc"] > 0.75
+    assert 0 < r1.thresholds["review"] <= r1.thresholds["decline"] <= 1
+    assert set(r1.policy) == {"amount_ratio_review", "amount_ratio_decline", "high_amount"}
+    assert r1.policy["amount_ratio_review"] <= r1.policy["amount_ratio_decline"]
+    assert (tmp_path / "a" / "train_result.json").is_file()
+    m = GbdtModel.load(r1.artifact_path, r1.framework, r1.feature_names, expected_sha256=sha256_file(r1.artifact_path))
+    assert m.predict(F.online_features_many([(500.0, 1525000000.0, None, None)])).shape == (1,)
+    # thresholds: decline keeps precision >= 0.8, review keeps recall >= 0.8
+    y = np.r_[np.zeros(90), np.ones(10)]
+    s = np.r_[np.linspace(0, 0.5, 90), np.linspace(0.4, 1.0, 10)]
+    th = choose_thresholds(y, s)
+    assert y[s >= th["decline"]].mean() >= 0.8
+    assert y[s >= th["review"]].sum() >= 8
+
+
+def test_train_lightgbm(tmp_path):
+    from scoring_service.training import train_on_payments
+
+    p = F.normalise_handbook(simulate(500, 1000, "2018-04-01", 12, seed=12))
+    r = train_on_payments(p, tmp_path, framework="lightgbm", rounds=20)
+    assert r.framework == "lightgbm" and r.artifact_path.suffix == ".txt"
+    m = GbdtModel.load(r.artifact_path, "lightgbm", r.feature_names)
+    assert m.predict(np.zeros((2, len(F.FEATURE_NAMES)), np.float32)).shape == (2,)
