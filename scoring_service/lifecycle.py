@@ -44,6 +44,10 @@ def train_and_register(
     if data is not None:
         result = training.train_handbook(data, out_dir, framework=framework)
     elif payments is not None:
+        if "timestamp" not in payments.columns:  # handbook / simulator columns
+            from scoring_service.features import normalise_handbook
+
+            payments = normalise_handbook(payments)
         result = training.train_on_payments(payments, out_dir, framework=framework)
     else:
         raise ValueError("train_and_register needs data or payments")

@@ -142,9 +142,14 @@ class Scorer:
         degraded: bool,
     ) -> ScoreResult:
         customer_state = customer.state if customer else None
-        row = features.online_features(
-            payment.amount, payment.timestamp, customer_state, terminal.state if terminal else None
-        )
+        terminal_state = terminal.state if terminal else None
+        try:
+            row = features.online_features(payment.amount, payment.timestamp, customer_state, terminal_state)
+        except (KeyError, TypeError, ValueError) as exc:
+            # An entry from another schema: score as unseen rather than fail the payment.
+            log.warning("cache.malformed_entry", error=repr(exc), model_version=serving.version)
+            customer_state = terminal_state = None
+            row = features.online_features(payment.amount, payment.timestamp, None, None)
         remaining = deadline - time.monotonic() - _ANSWER_MARGIN_S
         try:
             if remaining <= 0:

@@ -36,7 +36,10 @@ def active_model(model_data_dir: Path) -> ModelRecord:
 
 @pytest.fixture(scope="module")
 def scorer(model_data_dir: Path, redis_url: str) -> Iterator[ScorerProcess]:
-    proc = ScorerProcess(model_data_dir, redis_url, env={"FRAUDSCORE_REGISTRY_POLL_S": "0.5"}).start()
+    # CI machines are small and shared: a generous Redis timeout keeps these functional tests about
+    # function (test_resilience.py tests the short timeouts and the breaker on purpose).
+    env = {"FRAUDSCORE_REGISTRY_POLL_S": "0.5", "FRAUDSCORE_REDIS_TIMEOUT_MS": "80"}
+    proc = ScorerProcess(model_data_dir, redis_url, env=env).start()
     yield proc
     proc.stop()
 

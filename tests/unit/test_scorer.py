@@ -22,6 +22,13 @@ POLICY = Policy(review=0.3, decline=0.7, high_amount=220.0, amount_ratio_review=
 PAYMENT = Payment("t1", "c1", "m1", 30.0, "EUR", time.time())
 
 
+def _state(n=10, amount=30.0):
+    state = None
+    for _ in range(n):
+        state = features.advance_customer_state(state, amount, time.time() - 3600)
+    return state
+
+
 class FakeCache:
     def __init__(self, customer=None, terminal=None, fail=False):
         self.customer, self.terminal, self.fail = customer, terminal, fail
@@ -78,14 +85,14 @@ def test_miss_runs_the_model_and_writes_the_customer_back():
 
 
 def test_hit_answers_from_cache_without_the_model():
-    entry = CacheEntry(0.05, {"nb_tx_30d": 10.0, "avg_amount_30d": 30.0}, "v1", 123.0, [("A", "a", 0.2)])
+    entry = CacheEntry(0.05, _state(), "v1", 123.0, [("A", "a", 0.2)])
     result = _run(_scorer(FakeCache(customer=entry), delay_s=5.0))  # a model call would blow the budget
     assert result.source == CACHE and result.risk_score == 0.05 and result.scored_at == 123.0
     assert result.reasons[0][0] == "CUSTOMER_A"
 
 
 def test_always_model_uses_the_model_even_on_a_hit():
-    entry = CacheEntry(0.05, {"nb_tx_30d": 10.0, "avg_amount_30d": 30.0}, "v1", 123.0)
+    entry = CacheEntry(0.05, _state(), "v1", 123.0)
     cache = FakeCache(customer=entry)
     result = _run(_scorer(cache, mode=ScoringMode.ALWAYS_MODEL))
     assert result.source == MODEL and result.risk_score == 0.42
@@ -111,3 +118,9 @@ def test_fallback_still_applies_the_amount_policy():
     result = _run(_scorer(FakeCache(), delay_s=0.5), payment=payment, budget_s=0.05)
     assert result.source == FALLBACK and result.decision == "DECLINE"
     assert result.reasons[0][0] == "AMOUNT_ABOVE_HIGH_LIMIT"
+
+
+def test_a_malformed_cached_state_is_treated_as_unseen_not_an_error():
+    entry = CacheEntry(0.05, {"unexpected": 1.0}, "v1", 123.0)
+    result = _run(_scorer(FakeCache(customer=entry), mode=ScoringMode.ALWAYS_MODEL))
+    assert result.source == MODEL and result.risk_score == 0.42
