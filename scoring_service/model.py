@@ -148,8 +148,8 @@ class GbdtModel:
             return np.asarray(b.inplace_predict(X, validate_features=False), dtype=np.float64)
         return np.asarray(self._booster.predict(X, num_threads=self.nthread), dtype=np.float64)
 
-    def _contribs(self, X: np.ndarray) -> np.ndarray:
-        """(n, F) contributions (log-odds), bias column dropped."""
+    def _contribs_with_bias(self, X: np.ndarray) -> np.ndarray:
+        """(n, F + 1) contributions in log-odds; the last column is the bias."""
         if self.framework == "xgboost":
             import xgboost as xgb
 
@@ -157,13 +157,15 @@ class GbdtModel:
             c = b.predict(xgb.DMatrix(X, nthread=self.nthread), pred_contribs=True, validate_features=False)
         else:
             c = self._booster.predict(X, pred_contrib=True, num_threads=self.nthread)
-        return np.asarray(c)[:, : len(self.feature_names)]
+        return np.asarray(c, dtype=np.float64)
 
     def explain(self, X: np.ndarray, top_k: int = 3) -> list[list[tuple[str, str, float]]]:
         X = self._check(X)
         if len(X) == 0:
             return []
-        c = self._contribs(X)
+        return self._reasons(self._contribs_with_bias(X)[:, : len(self.feature_names)], top_k)
+
+    def _reasons(self, c: np.ndarray, top_k: int) -> list[list[tuple[str, str, float]]]:
         k = max(0, min(top_k, c.shape[1]))
         idx = np.argsort(-np.abs(c), axis=1, kind="stable")[:, :k]
         out = []
@@ -176,5 +178,11 @@ class GbdtModel:
         return out
 
     def predict_and_explain(self, X, top_k: int = 3) -> tuple[np.ndarray, list[list[tuple[str, str, float]]]]:
+        """Probabilities and reasons from ONE model pass: for a logistic model the contributions
+        plus the bias sum to the margin, so the probability is their sigmoid (no second predict)."""
         X = self._check(X)
-        return self.predict(X), self.explain(X, top_k)
+        if len(X) == 0:
+            return np.empty(0, dtype=np.float64), []
+        c = self._contribs_with_bias(X)
+        probs = 1.0 / (1.0 + np.exp(-c.sum(axis=1)))
+        return probs, self._reasons(c[:, : len(self.feature_names)], top_k)

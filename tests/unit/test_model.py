@@ -88,7 +88,9 @@ def test_explain(fw, data, xgb_path, lgb_path):
     rows = np.r_[np.flatnonzero(y == 1)[:5], np.flatnonzero(y == 0)[:5]]
     probs, expl = m.predict_and_explain(X[rows], top_k=3)
     assert len(expl) == len(rows) and all(len(e) == 3 for e in expl)
-    full = m._contribs(X[rows])
+    full = m._contribs_with_bias(X[rows])[:, : len(F.FEATURE_NAMES)]
+    # one pass gives both: the probabilities agree with predict()
+    np.testing.assert_allclose(probs, m.predict(X[rows]), rtol=1e-5, atol=1e-6)
     for i, e in enumerate(expl):
         mags = [abs(c) for _, _, c in e]
         assert mags == sorted(mags, reverse=True)
