@@ -93,13 +93,25 @@ class Policy:
 def combine_entities(
     customer: tuple[float, Sequence[Reason]] | None, terminal: tuple[float, Sequence[Reason]] | None
 ) -> tuple[float, list[Reason]]:
-    """Entity scores -> the payment's base score (the max) and the reasons of the riskier entity first."""
+    """Entity scores -> the payment's base score (the max) and the reasons of the riskier entity first.
+
+    An entity's reasons are the model's reason codes for its riskiest recent payment; their feature
+    names already say which entity they are about (``customer_*``, ``terminal_*``), so they pass
+    through unchanged, and a reason both entities share is given once.
+    """
     parts: list[tuple[float, list[Reason]]] = []
     if customer is not None:
-        parts.append((customer[0], [("CUSTOMER_" + c, f, x) for c, f, x in customer[1]]))
+        parts.append((customer[0], list(customer[1])))
     if terminal is not None:
-        parts.append((terminal[0], [("TERMINAL_" + c, f, x) for c, f, x in terminal[1]]))
+        parts.append((terminal[0], list(terminal[1])))
     if not parts:
         return 0.0, []
     parts.sort(key=lambda p: -p[0])
-    return parts[0][0], [r for _, rs in parts for r in rs]
+    seen: set[str] = set()
+    reasons = []
+    for _, rs in parts:
+        for r in rs:
+            if r[0] not in seen:
+                seen.add(r[0])
+                reasons.append(r)
+    return parts[0][0], reasons

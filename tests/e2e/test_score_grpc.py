@@ -141,7 +141,7 @@ def test_precomputed_entry_is_served_with_its_score_and_policy_on_top(stub, acti
     expected = Policy.of(active_model.thresholds, active_model.policy).decide(0.01)
     assert scoring_pb2.Decision.Name(calm.decision) == expected
     assert calm.scored_at.seconds == 1_700_000_000
-    assert calm.reasons[0].code == "CUSTOMER_LOW_RISK"
+    assert calm.reasons[0].code == "LOW_RISK"
     policy = active_model.policy
     if policy.get("amount_ratio_decline", float("inf")) < 1e6:
         big = stub.Score(request(customer, amount=10.0 * policy["amount_ratio_decline"] * 1.01), timeout=2)

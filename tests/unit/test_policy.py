@@ -34,9 +34,9 @@ def test_floor_never_lowers_a_higher_score():
 
 
 def test_combine_takes_the_riskier_entity_and_its_reasons_first():
-    risk, reasons = combine_entities((0.2, [("A", "a", 1.0)]), (0.6, [("B", "b", 2.0)]))
+    risk, reasons = combine_entities((0.2, [("A", "a", 1.0), ("C", "c", 0.5)]), (0.6, [("B", "b", 2.0), ("C", "c", 0.1)]))
     assert risk == 0.6
-    assert [r[0] for r in reasons] == ["TERMINAL_B", "CUSTOMER_A"]
+    assert reasons == [("B", "b", 2.0), ("C", "c", 0.1), ("A", "a", 1.0)]  # riskier entity first, no repeats
     assert combine_entities(None, None) == (0.0, [])
     assert combine_entities((0.4, []), None)[0] == 0.4
 

@@ -88,7 +88,7 @@ def test_hit_answers_from_cache_without_the_model():
     entry = CacheEntry(0.05, _state(), "v1", 123.0, [("A", "a", 0.2)])
     result = _run(_scorer(FakeCache(customer=entry), delay_s=5.0))  # a model call would blow the budget
     assert result.source == CACHE and result.risk_score == 0.05 and result.scored_at == 123.0
-    assert result.reasons[0][0] == "CUSTOMER_A"
+    assert result.reasons[0][0] == "A"
 
 
 def test_always_model_uses_the_model_even_on_a_hit():
