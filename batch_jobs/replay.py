@@ -25,6 +25,7 @@ import pandas as pd
 from batch_jobs import events as ev
 from batch_jobs.nightly import BatchError, BatchResult, run_batch
 from scoring_service.config import Settings
+from scoring_service.evaluation import average_precision, card_precision_at_k, card_precision_per_day
 from scoring_service.features import LABEL_DELAY_DAYS
 from scoring_service.logging import get_logger
 
@@ -110,20 +111,7 @@ def replay_cache(settings: Settings, frm: str | None, to: str | None, *, group_i
 
 
 # ------------------------------------------------------------------------------------ metrics
-def card_precision_per_day(df: pd.DataFrame, k: int = 100, score_col: str = "score") -> dict[str, float]:
-    """The handbook's Card Precision@k, day by day (cards caught on an earlier day left out)."""
-    out: dict[str, float] = {}
-    d = df[["customer_id", "is_fraud", score_col]].copy()
-    d["day"] = pd.to_datetime(df["timestamp"]).dt.normalize()
-    detected: set = set()
-    for day, g in d.groupby("day", sort=True):
-        g = g[~g["customer_id"].isin(detected)]
-        cards = g.groupby("customer_id")[[score_col, "is_fraud"]].max().sort_values(score_col, ascending=False)
-        top = cards.head(k)
-        caught = list(top.index[top["is_fraud"] == 1])
-        out[str(pd.Timestamp(day).date())] = len(caught) / k
-        detected.update(caught)
-    return out
+
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -135,8 +123,6 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def summarise(payments: pd.DataFrame, answers: list[dict[str, Any]]) -> dict[str, Any]:
     """Join answers (one per payment, same order) with labels and compute the served metrics."""
-    from scoring_service.protos import scoring_pb2
-
     df = payments[["transaction_id", "customer_id", "timestamp", "is_fraud"]].reset_index(drop=True).copy()
     df["score"] = [a.get("risk_score", np.nan) for a in answers]
     df["source"] = [a.get("source", "ERROR") for a in answers]
@@ -144,23 +130,13 @@ def summarise(payments: pd.DataFrame, answers: list[dict[str, Any]]) -> dict[str
     labelled = ok & (df["is_fraud"] >= 0)
     y = (df.loc[labelled, "is_fraud"] == 1).astype(int).to_numpy()
     s = df.loc[labelled, "score"].to_numpy(dtype=np.float64)
-    try:
-        from sklearn.metrics import average_precision_score
-
-        ap = float(average_precision_score(y, s)) if y.sum() > 0 else float("nan")
-    except ImportError:  # pragma: no cover
-        ap = float("nan")
-    try:
-        from scoring_service.evaluation import card_precision_at_k
-    except ImportError:  # pragma: no cover
-        card_precision_at_k = None  # type: ignore[assignment]
+    ap = float(average_precision(y, s)) if y.sum() > 0 else float("nan")
     per_day = card_precision_per_day(df.loc[labelled])
-    cp = card_precision_at_k(df.loc[labelled], k=100) if card_precision_at_k else float(np.mean(list(per_day.values())) if per_day else np.nan)
+    cp = card_precision_at_k(df.loc[labelled], k=100)
     sources = df["source"].value_counts().to_dict()
     n_ok = int(ok.sum())
     lat = [a["client_latency_ms"] for a in answers if "client_latency_ms" in a and a.get("source") != "ERROR"]
     srv = [a["latency_ms"] for a in answers if "latency_ms" in a and a.get("source") != "ERROR"]
-    _ = scoring_pb2
     return {
         "requests": len(answers),
         "errors": int((~ok).sum()),

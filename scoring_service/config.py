@@ -19,6 +19,12 @@ class ScoringMode(StrEnum):
     ALWAYS_MODEL = "always-model"
 
 
+class ReasonMethod(StrEnum):
+    EXACT = "exact"
+    EXACT_WHEN_FLAGGED = "exact-when-flagged"
+    APPROX = "approx"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FRAUDSCORE_", extra="ignore")
 
@@ -49,6 +55,11 @@ class Settings(BaseSettings):
     max_batch_request: int = Field(1000, ge=1, description="Most requests in one ScoreBatch call.")
     device: str = Field("auto", description="Model device: auto, cpu or cuda.")
     model_threads: int = Field(1, ge=1, description="Threads per model call on the request path.")
+    reasons: ReasonMethod = Field(
+        ReasonMethod.EXACT_WHEN_FLAGGED,
+        description="Reason codes of model answers: exact (TreeSHAP always), exact-when-flagged "
+        "(TreeSHAP when the score reaches the review threshold, path attribution otherwise; ~10x cheaper) or approx.",
+    )
     cache_ttl_s: int = Field(3 * 86400, ge=60, description="TTL of cache entries (a nightly run refreshes them).")
     default_currency: str = Field("EUR", min_length=3, max_length=3)
     registry_poll_s: float = Field(2.0, gt=0, description="How often the service checks for a newly activated model.")

@@ -404,7 +404,6 @@ def entity_states(payments: pd.DataFrame, as_of: pd.Timestamp) -> tuple[dict[str
     adds it.
     """
     a_us = _as_of_us(as_of)
-    a_s = float(a_us) / 1e6
     t_all = _to_us(payments["timestamp"].to_numpy())
     longest_c = max(CUSTOMER_WINDOWS) * 86400 * 10**6
     longest_t = (max(TERMINAL_WINDOWS) + LABEL_DELAY_DAYS) * 86400 * 10**6

@@ -148,13 +148,17 @@ class GbdtModel:
             return np.asarray(b.inplace_predict(X, validate_features=False), dtype=np.float64)
         return np.asarray(self._booster.predict(X, num_threads=self.nthread), dtype=np.float64)
 
-    def _contribs_with_bias(self, X: np.ndarray) -> np.ndarray:
-        """(n, F + 1) contributions in log-odds; the last column is the bias."""
+    def _contribs_with_bias(self, X: np.ndarray, approx: bool = False) -> np.ndarray:
+        """(n, F + 1) contributions in log-odds; the last column is the bias.
+
+        ``approx`` (XGBoost only): path attribution (Saabas) instead of TreeSHAP, about 10x
+        cheaper; it sums to the same margin, and picks the same top reason ~80% of the time."""
         if self.framework == "xgboost":
             import xgboost as xgb
 
             b = self._gpu_booster if (self._gpu_booster is not None and len(X) >= GPU_MIN_ROWS) else self._booster
-            c = b.predict(xgb.DMatrix(X, nthread=self.nthread), pred_contribs=True, validate_features=False)
+            c = b.predict(xgb.DMatrix(X, nthread=self.nthread), pred_contribs=True, approx_contribs=approx,
+                          validate_features=False)
         else:
             c = self._booster.predict(X, pred_contrib=True, num_threads=self.nthread)
         return np.asarray(c, dtype=np.float64)
@@ -177,12 +181,26 @@ class GbdtModel:
             out.append(row)
         return out
 
-    def predict_and_explain(self, X, top_k: int = 3) -> tuple[np.ndarray, list[list[tuple[str, str, float]]]]:
-        """Probabilities and reasons from ONE model pass: for a logistic model the contributions
-        plus the bias sum to the margin, so the probability is their sigmoid (no second predict)."""
+    def predict_and_explain(
+        self, X, top_k: int = 3, exact_from: float | None = None
+    ) -> tuple[np.ndarray, list[list[tuple[str, str, float]]]]:
+        """Probabilities and reasons.
+
+        ``exact_from=None``: exact TreeSHAP for every row, in ONE model pass (for a logistic
+        model the contributions plus the bias sum to the margin, so the probability is their
+        sigmoid). ``exact_from=p`` (XGBoost): cheap path attribution for every row, and exact
+        TreeSHAP only for the rows whose probability reaches ``p`` (the flagged payments, whose
+        reasons a person reads); ``exact_from=inf`` never uses TreeSHAP.
+        """
         X = self._check(X)
         if len(X) == 0:
             return np.empty(0, dtype=np.float64), []
-        c = self._contribs_with_bias(X)
+        if exact_from is None or self.framework != "xgboost":
+            c = self._contribs_with_bias(X)
+        else:
+            c = self._contribs_with_bias(X, approx=True)
+            flagged = np.flatnonzero(1.0 / (1.0 + np.exp(-c.sum(axis=1))) >= exact_from)
+            if len(flagged):
+                c[flagged] = self._contribs_with_bias(X[flagged])
         probs = 1.0 / (1.0 + np.exp(-c.sum(axis=1)))
         return probs, self._reasons(c[:, : len(self.feature_names)], top_k)

@@ -29,7 +29,7 @@ import numpy as np
 from scoring_service import features
 from scoring_service.batcher import MicroBatcher, Overloaded
 from scoring_service.cache import CUSTOMER, CacheEntry, CacheUnavailable, EntityCache
-from scoring_service.config import ScoringMode, Settings
+from scoring_service.config import ReasonMethod, ScoringMode, Settings
 from scoring_service.logging import get_logger
 from scoring_service.model import GbdtModel
 from scoring_service.policy import Policy, Reason, combine_entities
@@ -80,9 +80,14 @@ class ServingModel:
             nthread=settings.model_threads,
         )
         top_k = 3
+        exact_from = {
+            ReasonMethod.EXACT: None,
+            ReasonMethod.EXACT_WHEN_FLAGGED: float(record.thresholds["review"]),
+            ReasonMethod.APPROX: float("inf"),
+        }[settings.reasons]
 
         def score_rows(x: np.ndarray) -> tuple[np.ndarray, list[list[Reason]]]:
-            return model.predict_and_explain(x, top_k=top_k)
+            return model.predict_and_explain(x, top_k=top_k, exact_from=exact_from)
 
         batcher = MicroBatcher(
             score_rows,

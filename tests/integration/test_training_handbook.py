@@ -13,7 +13,6 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -136,3 +136,25 @@ def test_train_lightgbm(tmp_path):
     assert r.framework == "lightgbm" and r.artifact_path.suffix == ".txt"
     m = GbdtModel.load(r.artifact_path, "lightgbm", r.feature_names)
     assert m.predict(np.zeros((2, len(F.FEATURE_NAMES)), np.float32)).shape == (2,)
+
+
+def test_exact_reasons_only_for_flagged_rows(data, xgb_path):
+    X, y = data
+    path, _ = xgb_path
+    m = GbdtModel.load(path, "xgboost", F.FEATURE_NAMES, device="cpu")
+    rows = np.r_[np.flatnonzero(y == 1)[:20], np.flatnonzero(y == 0)[:200]]
+    exact_p, exact_r = m.predict_and_explain(X[rows], top_k=3)
+    ps = np.unique(exact_p)
+    i = int(len(ps) * 0.8)
+    cut = float((ps[i - 1] + ps[i]) / 2)  # midway between two rows: no row sits on the boundary
+    mixed_p, mixed_r = m.predict_and_explain(X[rows], top_k=3, exact_from=cut)
+    # the same probabilities whatever the attribution method (both sum to the margin)
+    np.testing.assert_allclose(mixed_p, exact_p, rtol=1e-5, atol=1e-6)
+    flagged = exact_p >= cut
+    assert flagged.any() and (~flagged).any()
+    for i in np.flatnonzero(flagged):  # flagged rows: exactly the TreeSHAP reasons
+        assert [r[:2] for r in mixed_r[i]] == [r[:2] for r in exact_r[i]]
+        np.testing.assert_allclose([r[2] for r in mixed_r[i]], [r[2] for r in exact_r[i]], rtol=1e-4, atol=1e-5)
+    approx_p, approx_r = m.predict_and_explain(X[rows], top_k=3, exact_from=float("inf"))
+    np.testing.assert_allclose(approx_p, exact_p, rtol=1e-5, atol=1e-6)
+    assert all(len(r) == 3 for r in approx_r)

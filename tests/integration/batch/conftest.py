@@ -30,17 +30,38 @@ def kafka_bootstrap() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def handbook_slice() -> pd.DataFrame:
-    path = handbook_path()
-    if path is None:
-        pytest.skip("handbook parquet not found (set FRAUDSCORE_HANDBOOK)")
     import pyarrow.parquet as pq
 
     from scoring_service.features import normalise_handbook
 
+    path = handbook_path()
+    if path is None:  # a clone without ../shared: simulated payments in the handbook's format
+        import warnings
+
+        from scoring_service.simulator import simulate
+
+        warnings.warn("handbook parquet not found (FRAUDSCORE_HANDBOOK): batch tests use simulated payments")
+        raw = simulate(n_customers=MAX_CUSTOMER, n_terminals=2000, start_date="2018-04-01", n_days=137, seed=5)
+        raw = raw[(raw["TX_DATETIME"] >= pd.Timestamp(SLICE_START)) & (raw["TX_DATETIME"] < pd.Timestamp(AS_OF))]
+        return normalise_handbook(raw.reset_index(drop=True))
     table = pq.read_table(path, filters=[("CUSTOMER_ID", "<", MAX_CUSTOMER),
                                          ("TX_DATETIME", ">=", pd.Timestamp(SLICE_START)),
                                          ("TX_DATETIME", "<", pd.Timestamp(AS_OF))])
     return normalise_handbook(table.to_pandas())
+
+
+def generation_contents(r, model: str, gen: str) -> dict[str, dict]:  # type: ignore[no-untyped-def]
+    """Every entry of one cache generation, keyed by ``kind:id``, without the generation field."""
+    import json
+
+    from scoring_service.cache_layout import generation_pattern
+
+    out = {}
+    for k in r.scan_iter(match=generation_pattern(model, gen), count=5000):
+        d = json.loads(r.get(k))
+        d.pop("g")
+        out[k.decode().split(":", 4)[4]] = d
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -20,20 +20,13 @@ from batch_jobs.nightly import run_nightly
 from scoring_service.cache_layout import CacheEntry, active_generation_key, entity_key, generation_pattern
 from scoring_service.db import BatchOffset, BatchRun, make_engine
 from scoring_service.protos import events_pb2
-from tests.integration.batch.conftest import AS_OF, cli_env, settings_for
+from tests.integration.batch.conftest import AS_OF, generation_contents, cli_env, settings_for
 from tests.servers.common import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 AS_OF_S = pd.Timestamp(AS_OF).value / 1e9
 
 
-def _entries(r: redis.Redis, model: str, gen: str) -> dict[str, dict]:
-    out = {}
-    for k in r.scan_iter(match=generation_pattern(model, gen), count=5000):
-        d = json.loads(r.get(k))
-        d.pop("g")
-        out[k.decode().split(":", 4)[4]] = d
-    return out
 
 
 def _run_row(settings, run_id: int) -> tuple[BatchRun, list[BatchOffset]]:  # type: ignore[no-untyped-def]
@@ -78,7 +71,7 @@ def test_nightly_fills_cache_and_is_idempotent(kafka_bootstrap, published, batch
     # same window again: same contents under a new generation, then switched to it
     second = run_nightly(settings, as_of=AS_OF_S, show_progress=False)
     assert second.generation != first.generation and second.previous_generation == first.generation
-    assert _entries(r, first.model_version, first.generation) == _entries(r, second.model_version, second.generation)
+    assert generation_contents(r, first.model_version, first.generation) == generation_contents(r, second.model_version, second.generation)
 
 
 def test_two_workers_split_partitions(kafka_bootstrap, published, batch_env, redis_url):
@@ -92,7 +85,7 @@ def test_two_workers_split_partitions(kafka_bootstrap, published, batch_env, red
     assert parts[0] | parts[1] == set(kafka_io.partitions_of(kafka_bootstrap, settings.topic("payments")))
     assert sum(w["events"] for w in workers) == two.events_consumed == one.events_consumed
     r = redis.Redis.from_url(redis_url)
-    assert _entries(r, one.model_version, one.generation) == _entries(r, two.model_version, two.generation)
+    assert generation_contents(r, one.model_version, one.generation) == generation_contents(r, two.model_version, two.generation)
 
 
 def test_poison_events_are_dead_lettered_and_counted(kafka_bootstrap, batch_env, redis_url, handbook_slice):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pandas as pd
 import pytest
@@ -11,20 +10,13 @@ import redis
 from batch_jobs import kafka_io
 from batch_jobs.nightly import BatchError, rebuild_cache, run_nightly
 from batch_jobs.replay import card_precision_per_day, parse_bound, replay_cache, summarise
-from scoring_service.cache_layout import active_generation_key, generation_pattern
-from tests.integration.batch.conftest import AS_OF, settings_for
+from scoring_service.cache_layout import active_generation_key
+from tests.integration.batch.conftest import AS_OF, generation_contents, settings_for
 
 pytestmark = pytest.mark.integration
 AS_OF_S = pd.Timestamp(AS_OF).value / 1e9
 
 
-def _contents(r: redis.Redis, model: str, gen: str) -> dict[str, dict]:
-    out = {}
-    for k in r.scan_iter(match=generation_pattern(model, gen), count=5000):
-        d = json.loads(r.get(k))
-        d.pop("g")
-        out[k.decode().split(":", 4)[4]] = d
-    return out
 
 
 def test_replay_by_time_and_by_offsets(kafka_bootstrap, published, batch_env, redis_url):
@@ -50,7 +42,7 @@ def test_file_source_and_in_memory_rebuild_match(batch_env, redis_url, handbook_
     in_memory = rebuild_cache(handbook_slice, AS_OF, settings)
     r = redis.Redis.from_url(redis_url)
     assert from_file.keys_written > 0
-    assert _contents(r, from_file.model_version, from_file.generation) == _contents(r, in_memory.model_version, in_memory.generation)
+    assert generation_contents(r, from_file.model_version, from_file.generation) == generation_contents(r, in_memory.model_version, in_memory.generation)
     with pytest.raises(BatchError, match="no event source"):
         run_nightly(settings, as_of=AS_OF_S, show_progress=False)
 
