@@ -119,7 +119,8 @@ class EntityCache:
             entity_key(model_version, gen, TERMINAL, terminal_id),
         )
         try:
-            raw_c, raw_t = await asyncio.wait_for(self._client.mget(keys), min(timeout_s, self.timeout_s))
+            async with asyncio.timeout(min(timeout_s, self.timeout_s)):  # no extra task, unlike wait_for
+                raw_c, raw_t = await self._client.mget(keys)
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure()
             raise CacheUnavailable(type(exc).__name__) from exc

@@ -13,9 +13,15 @@ payments (see ``entity_scoring``): the probability that the card, or the termina
 compromised now. The payment-level rules come from the active model version's ``policy``,
 learned from its training data:
 
-* ``amount >= high_amount`` raises the score to the decline threshold (AMOUNT_ABOVE_HIGH_LIMIT);
-* ``amount / customer's 30-day average >= amount_ratio_decline`` raises it to the decline
-  threshold, ``>= amount_ratio_review`` to the review threshold (AMOUNT_HIGH_VS_CUSTOMER_USUAL).
+* ``amount >= high_amount`` raises the score to the fraud rate that rule had in the training
+  data, and at least to the decline threshold (AMOUNT_ABOVE_HIGH_LIMIT);
+* ``amount / customer's 30-day average >= amount_ratio_decline`` raises it to that rule's
+  training fraud rate and at least the decline threshold; ``>= amount_ratio_review`` to its rate
+  and at least the review threshold (AMOUNT_HIGH_VS_CUSTOMER_USUAL).
+
+A floor is a calibrated probability, not just a threshold, so payments a rule catches rank by how
+often that rule is right: amounts over the high limit (always fraud in the handbook data) above a
+customer whose worst payment this week scored 0.3.
 
 Model answers use the model's probability for this payment as ``risk_score``; the same floors
 apply, so a rule never says less on the model path than on the cache path.
@@ -43,6 +49,9 @@ class Policy:
     amount_ratio_review: float = float("inf")
     amount_ratio_decline: float = float("inf")
     min_history: float = 3.0  # payments in 30 days before the customer's average is trusted
+    high_amount_rate: float = 0.0  # training fraud rate of each rule (0 = unknown: the threshold alone)
+    ratio_decline_rate: float = 0.0
+    ratio_review_rate: float = 0.0
 
     @classmethod
     def of(cls, thresholds: dict[str, float], policy: dict[str, float] | None) -> Policy:
@@ -54,6 +63,9 @@ class Policy:
             amount_ratio_review=float(p.get("amount_ratio_review", float("inf"))),
             amount_ratio_decline=float(p.get("amount_ratio_decline", float("inf"))),
             min_history=float(p.get("min_history", 3.0)),
+            high_amount_rate=float(p.get("high_amount_fraud_rate", 0.0)),
+            ratio_decline_rate=float(p.get("amount_ratio_decline_fraud_rate", 0.0)),
+            ratio_review_rate=float(p.get("amount_ratio_review_fraud_rate", 0.0)),
         )
 
     def decide(self, risk_score: float) -> str:
@@ -66,16 +78,18 @@ class Policy:
     def payment_floor(self, amount: float, customer_state: dict[str, float] | None) -> tuple[float, Reason | None]:
         """The lowest score this payment alone deserves, and the rule that set it."""
         if amount >= self.high_amount:
-            return self.decline, ("AMOUNT_ABOVE_HIGH_LIMIT", "amount", amount)
+            return max(self.decline, self.high_amount_rate), ("AMOUNT_ABOVE_HIGH_LIMIT", "amount", amount)
         if customer_state:
             usual = float(customer_state.get("avg_amount_30d", 0.0) or 0.0)
             history = float(customer_state.get("nb_tx_30d", 0.0) or 0.0)
             if usual > 0 and history >= self.min_history:
                 ratio = amount / usual
                 if ratio >= self.amount_ratio_decline:
-                    return self.decline, ("AMOUNT_HIGH_VS_CUSTOMER_USUAL", "amount_to_avg_30d", ratio)
+                    floor = max(self.decline, self.ratio_decline_rate)
+                    return floor, ("AMOUNT_HIGH_VS_CUSTOMER_USUAL", "amount_to_avg_30d", ratio)
                 if ratio >= self.amount_ratio_review:
-                    return self.review, ("AMOUNT_HIGH_VS_CUSTOMER_USUAL", "amount_to_avg_30d", ratio)
+                    floor = max(self.review, self.ratio_review_rate)
+                    return floor, ("AMOUNT_HIGH_VS_CUSTOMER_USUAL", "amount_to_avg_30d", ratio)
         return 0.0, None
 
     def apply(

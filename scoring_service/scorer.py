@@ -159,7 +159,8 @@ class Scorer:
         try:
             if remaining <= 0:
                 raise TimeoutError
-            prob, reasons = await asyncio.wait_for(serving.batcher.submit(row), remaining)
+            async with asyncio.timeout(remaining):
+                prob, reasons = await serving.batcher.submit(row)
         except (TimeoutError, Overloaded) as exc:
             log.warning("model.fallback", reason=type(exc).__name__, model_version=serving.version)
             return self._fallback(serving, payment, customer_state)

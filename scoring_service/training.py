@@ -204,7 +204,20 @@ def learn_policy(payments: pd.DataFrame, features: pd.DataFrame) -> dict[str, fl
                 break
         else:
             decline = float(max(review, np.quantile(r[yr], 0.5)))
-    return {"amount_ratio_review": review, "amount_ratio_decline": max(decline, review), "high_amount": high_amount}
+    decline = max(decline, review)
+
+    def rate(mask: np.ndarray, labels: np.ndarray) -> float:
+        return float(labels[mask].mean()) if mask.any() else 0.0
+
+    # How often each rule was right in training: the score a payment gets when the rule fires.
+    return {
+        "amount_ratio_review": review,
+        "amount_ratio_decline": decline,
+        "high_amount": high_amount,
+        "high_amount_fraud_rate": rate(amount >= high_amount, y),
+        "amount_ratio_decline_fraud_rate": rate(r >= decline, yr),
+        "amount_ratio_review_fraud_rate": rate(r >= review, yr),
+    }
 
 
 def _finish(framework, booster, params, out_dir, X_tr, y_tr, groups_tr, pay_tr, feat_tr, rounds, metrics, train_window, test_window, extra):

@@ -67,6 +67,7 @@ def test_beats_handbook_xgboost(tmp_path):
     # thresholds and policy are data-derived and sensible
     assert 0 < res.thresholds["review"] <= res.thresholds["decline"] <= 1
     assert 150 < res.policy["high_amount"] <= 260
+    assert res.policy["high_amount_fraud_rate"] >= 0.9  # the rule's own definition, measured on the training week
     assert 1.0 < res.policy["amount_ratio_review"] <= res.policy["amount_ratio_decline"]
     assert json.loads((tmp_path / "train_result.json").read_text())["metrics"] == pytest.approx(res.metrics)
 

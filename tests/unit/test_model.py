@@ -115,7 +115,9 @@ def test_train_on_simulated_payments_is_deterministic_and_loads(tmp_path):
     assert set(r1.metrics) == {"auc_roc", "average_precision", "card_precision_at_100"}
     assert r1.metrics["auc_roc"] > 0.75
     assert 0 < r1.thresholds["review"] <= r1.thresholds["decline"] <= 1
-    assert set(r1.policy) == {"amount_ratio_review", "amount_ratio_decline", "high_amount"}
+    assert set(r1.policy) == {"amount_ratio_review", "amount_ratio_decline", "high_amount", "high_amount_fraud_rate",
+                              "amount_ratio_decline_fraud_rate", "amount_ratio_review_fraud_rate"}
+    assert all(0.0 <= r1.policy[k] <= 1.0 for k in r1.policy if k.endswith("_fraud_rate"))
     assert r1.policy["amount_ratio_review"] <= r1.policy["amount_ratio_decline"]
     assert (tmp_path / "a" / "train_result.json").is_file()
     m = GbdtModel.load(r1.artifact_path, r1.framework, r1.feature_names, expected_sha256=sha256_file(r1.artifact_path))

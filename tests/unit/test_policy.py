@@ -44,3 +44,14 @@ def test_combine_takes_the_riskier_entity_and_its_reasons_first():
 def test_policy_of_registry_dicts_defaults_to_no_rules():
     p = Policy.of({"review": 0.2, "decline": 0.5}, None)
     assert p.apply(0.1, [], 1e9, USUAL)[0] == 0.1
+
+
+def test_floors_are_the_rules_training_fraud_rates_when_known():
+    p = Policy.of(
+        {"review": 0.3, "decline": 0.7},
+        {"high_amount": 220.0, "amount_ratio_review": 3.0, "amount_ratio_decline": 5.0,
+         "high_amount_fraud_rate": 1.0, "amount_ratio_decline_fraud_rate": 0.85, "amount_ratio_review_fraud_rate": 0.1},
+    )
+    assert p.apply(0.5, [], 250.0, USUAL)[0] == 1.0
+    assert p.apply(0.5, [], 110.0, USUAL)[0] == 0.85  # 5.5x usual
+    assert p.apply(0.05, [], 70.0, USUAL)[0] == 0.3  # the rate (0.1) is below the review threshold
