@@ -58,6 +58,13 @@ def _registry(settings: Settings):  # type: ignore[no-untyped-def]
 # --------------------------------------------------------------------------------------------- serve
 
 
+def _worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker ``index``'s settings: each process serves its own metrics on ``metrics_port + index``."""
+    if settings.metrics_port is None:
+        return settings
+    return settings.model_copy(update={"metrics_port": settings.metrics_port + index})
+
+
 def _worker_main(settings_json: str, redis_url: str | None) -> None:
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.log_format, settings.log_level)
@@ -93,10 +100,6 @@ def serve(
         from scoring_service.lifecycle import ensure_model
 
         ensure_model(settings)
-        if settings.metrics_port:
-            from prometheus_client import start_http_server
-
-            start_http_server(settings.metrics_port)
         if settings.workers == 1:
             from scoring_service.server import serve_forever
 
@@ -104,7 +107,8 @@ def serve(
             return
         ctx = multiprocessing.get_context("spawn")
         procs = [
-            ctx.Process(target=_worker_main, args=(settings.model_dump_json(), redis_url), name=f"scorer-{i}")
+            ctx.Process(target=_worker_main, args=(_worker_settings(settings, i).model_dump_json(), redis_url),
+                        name=f"scorer-{i}")
             for i in range(settings.workers)
         ]
         for p in procs:

@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     log_level: str = Field("info")
     log_requests: bool = Field(True, description="Log one line per request (sampled by log_sample_rate).")
     log_sample_rate: float = Field(1.0, ge=0, le=1)
-    metrics_port: int | None = Field(None, description="Prometheus /metrics port; unset = off.")
+    metrics_port: int | None = Field(
+        None, description="Prometheus metrics port (worker i of --workers N serves port + i); unset = off."
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram
 
 from scoring_service.cache import CircuitBreaker, EntityCache
 from scoring_service.config import Settings
@@ -33,6 +34,13 @@ from scoring_service.validation import Payment, ValidationError, validate_paymen
 log = get_logger(__name__)
 
 SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["FraudScoring"].full_name
+
+REQUESTS = Counter("fraudscore_scores_total", "Scored payments.", ["source", "decision", "degraded"])
+LATENCY = Histogram(
+    "fraudscore_score_latency_seconds", "Server-side time per scored payment.", ["source"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
+)
+INVALID = Counter("fraudscore_invalid_requests_total", "Requests refused with INVALID_ARGUMENT.")
 _DECISIONS = {"APPROVE": scoring_pb2.APPROVE, "REVIEW": scoring_pb2.REVIEW, "DECLINE": scoring_pb2.DECLINE}
 _SOURCES = {"CACHE": scoring_pb2.CACHE, "MODEL": scoring_pb2.MODEL, "FALLBACK": scoring_pb2.FALLBACK}
 
@@ -93,6 +101,8 @@ class FraudScoringServicer(scoring_pb2_grpc.FraudScoringServicer):
         request_id = request.request_id or uuid.uuid4().hex
         result = await self.scorer.score(payment, deadline)
         latency_ms = (time.monotonic() - start) * 1000.0
+        REQUESTS.labels(result.source, result.decision, "true" if result.degraded else "false").inc()
+        LATENCY.labels(result.source).observe(latency_ms / 1000.0)
         if self._sample and (self._sample >= 1.0 or random.random() < self._sample):
             log.info(
                 "score",
@@ -135,6 +145,7 @@ class FraudScoringServicer(scoring_pb2_grpc.FraudScoringServicer):
 async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     """The one place where errors become gRPC statuses."""
     if isinstance(exc, ValidationError):
+        INVALID.inc()
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, asyncio.CancelledError):
         raise exc
@@ -252,6 +263,10 @@ class ScoringServer:
 
 
 async def serve_forever(settings: Settings, redis_url: str | None) -> None:
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0")
     server = ScoringServer(settings, redis_url)
     await server.start()
     stop = asyncio.Event()

@@ -107,3 +107,26 @@ def test_new_active_model_is_picked_up_and_a_tampered_one_is_refused(model_data_
     finally:
         scorer.stop()
     assert "model.refused" in scorer.logs() and "sha256" in scorer.logs()
+
+
+def test_prometheus_metrics_count_answers_by_source(model_data_dir, redis_url):
+    import urllib.request
+
+    from tests.servers.common import free_port
+
+    port = free_port()
+    scorer = ScorerProcess(model_data_dir, redis_url, env={"FRAUDSCORE_METRICS_PORT": str(port)}).start()
+    try:
+        with grpc.insecure_channel(scorer.address) as ch:
+            stub = scorer.stub(ch)
+            for _ in range(3):
+                stub.Score(request(new_customer()), timeout=2)
+            with pytest.raises(grpc.RpcError):
+                stub.Score(request(new_customer(), amount=-1.0), timeout=2)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        scorer.stop()
+    model_lines = [ln for ln in text.splitlines() if ln.startswith("fraudscore_scores_total{") and 'source="MODEL"' in ln]
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in model_lines) == 3
+    assert "fraudscore_invalid_requests_total 1.0" in text
+    assert 'fraudscore_score_latency_seconds_count{source="MODEL"} 3.0' in text
