@@ -92,7 +92,6 @@ def register(app: typer.Typer) -> None:
         group_id: Annotated[str | None, typer.Option("--group-id", help="Kafka consumer group.")] = None,
         workers: Annotated[int, typer.Option(min=1, help="Consumer processes splitting the partitions.")] = 1,
         source: Annotated[Path | None, typer.Option(help="Events from this parquet file when no Kafka is configured.")] = None,
-        lookback_days: Annotated[float, typer.Option(min=0.0, help="Entity risk = max score over this many days.")] = 7.0,
         kafka: Annotated[str | None, typer.Option(help="Kafka bootstrap servers (else KAFKA_BOOTSTRAP_SERVERS).")] = None,
         redis_url: Annotated[str | None, typer.Option(help="Redis URL (else REDIS_URL / the embedded one).")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON.")] = False,
@@ -102,7 +101,7 @@ def register(app: typer.Typer) -> None:
 
         settings = _settings(kafka_bootstrap=kafka, redis_url=redis_url)
         result = _run(run_nightly, settings, as_of=_time(as_of, "--as-of"), group_id=group_id, workers=workers,
-                      source=source, lookback_days=lookback_days)
+                      source=source)
         _print_result(result, as_json)
 
     @app.command()
@@ -116,7 +115,6 @@ def register(app: typer.Typer) -> None:
         group_id: Annotated[str | None, typer.Option("--group-id")] = None,
         workers: Annotated[int, typer.Option(min=1)] = 1,
         source: Annotated[Path | None, typer.Option(help="Events from this parquet file when no Kafka is configured.")] = None,
-        lookback_days: Annotated[float, typer.Option(min=0.0)] = 7.0,
         kafka: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
         redis_url: Annotated[str | None, typer.Option()] = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -139,7 +137,7 @@ def register(app: typer.Typer) -> None:
                 raise _fail(f"every request to {through_service} failed", 1)
             return
         result = _run(rp.replay_cache, settings, frm, to, group_id=group_id, workers=workers,
-                      source=str(source) if source else None, lookback_days=lookback_days)
+                      source=str(source) if source else None)
         _print_result(result, as_json)
 
     @events_app.command("publish")

@@ -2,7 +2,7 @@
 
 Steps, each timed and recorded in ``batch_runs.details["phases"]``:
 
-1. **window**: ``as_of`` (default now) minus 30 days + the label delay + the lookback; resolved to
+1. **window**: ``as_of`` (default now) minus 30 days + the label delay; resolved to
    offsets per partition of ``<prefix>.payments`` and ``<prefix>.labels`` with
    ``offsets_for_times`` ([first offset at or after start, first offset at or after as_of)).
 2. **consume**: read exactly those offsets (stop at the as_of offsets, never at "quiet for a
@@ -59,7 +59,6 @@ log = get_logger(__name__)
 
 DAY_S = 86400.0
 FEATURE_WINDOW_DAYS = 30
-DEFAULT_LOOKBACK_DAYS = 7
 
 
 class BatchError(RuntimeError):
@@ -88,9 +87,9 @@ class BatchResult:
         return asdict(self)
 
 
-def window_for(as_of: float, lookback_days: float = DEFAULT_LOOKBACK_DAYS) -> tuple[float, float]:
-    """[start, end) in epoch seconds: the feature windows (30 d + label delay) before the lookback."""
-    return as_of - (FEATURE_WINDOW_DAYS + LABEL_DELAY_DAYS + lookback_days) * DAY_S, as_of
+def window_for(as_of: float) -> tuple[float, float]:
+    """[start, end) in epoch seconds: the feature windows (30 d + label delay) before ``as_of``."""
+    return as_of - (FEATURE_WINDOW_DAYS + LABEL_DELAY_DAYS) * DAY_S, as_of
 
 
 def _utc(ts: float) -> dt.datetime:
@@ -280,7 +279,6 @@ def run_batch(
     job: str = "nightly",
     as_of: float | None = None,
     start: float | None = None,
-    lookback_days: float = DEFAULT_LOOKBACK_DAYS,
     group_id: str | None = None,
     workers: int = 1,
     payments: pd.DataFrame | None = None,
@@ -302,7 +300,7 @@ def run_batch(
 
     t_run = time.perf_counter()
     as_of = time.time() if as_of is None else float(as_of)
-    w_start, w_end = window_for(as_of, lookback_days)
+    w_start, w_end = window_for(as_of)
     if start is not None:
         w_start = float(start)
     phases: dict[str, float] = {}
@@ -329,7 +327,7 @@ def run_batch(
              window_start=_utc(w_start).isoformat(), as_of=_utc(as_of).isoformat(),
              source="frame" if payments is not None else ("kafka" if use_kafka else str(source)))
     events_consumed = dead_letters = 0
-    details: dict[str, Any] = {"as_of": as_of, "lookback_days": lookback_days, "phases": phases}
+    details: dict[str, Any] = {"as_of": as_of, "phases": phases}
     try:
         with Progress(job, enabled=show_progress) as prog:
             # ---- consume
@@ -374,8 +372,7 @@ def run_batch(
 
             timings: dict[str, float] = {}
             with prog.phase("score", None):
-                customers, terminals = build_entries(frame, as_of, mdl, record.version, generation,
-                                                     lookback_days=int(lookback_days), timings=timings)
+                customers, terminals = build_entries(frame, as_of, mdl, record.version, generation, timings=timings)
             phases.update({k: round(v, 3) for k, v in timings.items()})
 
             # ---- write
@@ -431,20 +428,18 @@ def run_batch(
 
 
 def run_nightly(settings: Settings, *, as_of: float | None = None, group_id: str | None = None, workers: int = 1,
-                source: str | Path | None = None, lookback_days: float = DEFAULT_LOOKBACK_DAYS,
-                redis_url: str | None = None, show_progress: bool | None = None) -> BatchResult:
+                source: str | Path | None = None, redis_url: str | None = None, show_progress: bool | None = None) -> BatchResult:
     return run_batch(settings, job="nightly", as_of=as_of, group_id=group_id or "fraudscore-nightly",
-                     workers=workers, source=source, lookback_days=lookback_days, redis_url=redis_url,
+                     workers=workers, source=source, redis_url=redis_url,
                      show_progress=show_progress)
 
 
-def rebuild_cache(payments: pd.DataFrame, as_of: Any, settings: Settings, *, lookback_days: float = DEFAULT_LOOKBACK_DAYS,
-                  redis_url: str | None = None, model: tuple[Any, Any] | None = None, job: str = "rebuild",
+def rebuild_cache(payments: pd.DataFrame, as_of: Any, settings: Settings, *, redis_url: str | None = None, model: tuple[Any, Any] | None = None, job: str = "rebuild",
                   show_progress: bool | None = False) -> BatchResult:
     """The nightly run on an in-memory normalised payments frame (benchmarks, tests; no Kafka).
 
     ``payments`` may hold labels for every payment: only those that had arrived by ``as_of``
     (payment time + the label delay) are used, as on Kafka.
     """
-    return run_batch(settings, job=job, as_of=ev.to_epoch_s(as_of), payments=payments, lookback_days=lookback_days,
+    return run_batch(settings, job=job, as_of=ev.to_epoch_s(as_of), payments=payments,
                      redis_url=redis_url, model=model, show_progress=show_progress)

@@ -79,7 +79,7 @@ def _as_of_for_offsets(settings: Settings, offsets: dict[int, int]) -> float:
 
 
 def replay_cache(settings: Settings, frm: str | None, to: str | None, *, group_id: str | None = None,
-                 workers: int = 1, source: str | None = None, lookback_days: float = 7,
+                 workers: int = 1, source: str | None = None,
                  redis_url: str | None = None, show_progress: bool | None = None) -> BatchResult:
     """Rebuild the cache as of ``to`` from the events in [``frm``, ``to``) (nightly's pipeline)."""
     a, b = parse_bound(frm), parse_bound(to)
@@ -104,7 +104,7 @@ def replay_cache(settings: Settings, frm: str | None, to: str | None, *, group_i
         start = 0.0
     if start is not None and start >= as_of:
         raise BatchError("--from must be before --to")
-    return run_batch(settings, job="replay", as_of=as_of, start=start, lookback_days=lookback_days,
+    return run_batch(settings, job="replay", as_of=as_of, start=start,
                      group_id=group_id or "fraudscore-replay", workers=workers, source=source,
                      offsets_from=a.offsets, offsets_to=b.offsets, redis_url=redis_url,
                      show_progress=show_progress)

@@ -47,8 +47,8 @@ def generation_pattern(model_version: str, generation: str) -> str:
 class CacheEntry:
     """What the cache knows of one entity, as of ``computed_at``.
 
-    ``risk_score`` is the probability that the entity is compromised now: the model's highest
-    score over the entity's recent payments (the way the handbook's Card Precision counts cards).
+    ``risk_score`` is the probability that the entity is compromised now: the model's score for
+    the entity's typical payment at batch time (see ``entity_scoring``).
     ``state`` holds the aggregates the features are computed from (see ``features.entity_states``).
     """
 

@@ -8,8 +8,8 @@ Cache answers (no model call)::
     base       = max(customer.risk_score, terminal.risk_score)       # either entity compromised
     risk_score = max(base, floors triggered by the payment itself)
 
-Each entity's cached ``risk_score`` is the model's highest score over that entity's recent
-payments (see ``entity_scoring``): the probability that the card, or the terminal, is
+Each entity's cached ``risk_score`` is the model's score for the entity's typical payment at
+batch time (see ``entity_scoring``): the probability that the card, or the terminal, is
 compromised now. The payment-level rules come from the active model version's ``policy``,
 learned from its training data:
 
