@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import traceback
@@ -169,7 +170,9 @@ def main(argv=None) -> int:
         try:
             envr.start()
             envr.train(HANDBOOK)
-            model_file = envr.model_file
+            # MLServer runs after our part, whose data dir is deleted then: keep a copy of the model.
+            model_file = CACHE_DIR / f"reference-model{envr.model_file.suffix}"
+            shutil.copy(envr.model_file, model_file)
             import pandas as pd
 
             envr.fill_cache(traffic.all_payments, pd.Timestamp(D.CACHE_AS_OF), traffic.payments["customer_id"])
