@@ -86,6 +86,8 @@ class EntityCache:
         self.breaker = breaker
         self._generations: dict[str, str] = {}
         self._pending_writes: set[asyncio.Task[None]] = set()
+        self._queued: list[tuple[str, CacheEntry]] = []
+        self._flush_scheduled = False
 
     def generation(self, model_version: str) -> str:
         return self._generations.get(model_version, ONLINE_GENERATION)
@@ -128,28 +130,43 @@ class EntityCache:
         return (CacheEntry.decode(raw_c) if raw_c else None, CacheEntry.decode(raw_t) if raw_t else None)
 
     def write_back(self, model_version: str, entries: Sequence[tuple[str, str, CacheEntry]]) -> None:
-        """Store freshly computed entries ((kind, id, entry)) in the background, under the active generation."""
+        """Store freshly computed entries ((kind, id, entry)) in the background, under the active generation.
+
+        Write-backs queued during one turn of the event loop go out together, in one pipeline
+        (one task and one round trip for all the misses a busy loop answered at once)."""
         if not entries or self.breaker.state == "open":
             return
         gen = self.generation(model_version)
-        task = asyncio.get_running_loop().create_task(self._write(model_version, gen, entries))
-        self._pending_writes.add(task)
-        task.add_done_callback(self._pending_writes.discard)
+        self._queued.extend((entity_key(model_version, gen, kind, entity_id), entry) for kind, entity_id, entry in entries)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            task = asyncio.get_running_loop().create_task(self._flush())
+            self._pending_writes.add(task)
+            task.add_done_callback(self._pending_writes.discard)
 
-    async def _write(self, model_version: str, gen: str, entries: Sequence[tuple[str, str, CacheEntry]]) -> None:
+    async def _flush(self) -> None:
+        self._flush_scheduled = False  # from here on, new write-backs schedule the next flush
+        queued, self._queued = self._queued, []
+        if not queued:
+            return
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for kind, entity_id, entry in entries:
+            async with asyncio.timeout(self.timeout_s * 10):
+                if len(queued) == 1:
+                    key, entry = queued[0]
                     # NX: never overwrite an entry a batch run (or a concurrent request) wrote.
-                    pipe.set(entity_key(model_version, gen, kind, entity_id), entry.encode(), ex=self.ttl_s, nx=True)
-                await asyncio.wait_for(pipe.execute(), self.timeout_s * 10)
+                    await self._client.set(key, entry.encode(), ex=self.ttl_s, nx=True)
+                else:
+                    async with self._client.pipeline(transaction=False) as pipe:
+                        for key, entry in queued:
+                            pipe.set(key, entry.encode(), ex=self.ttl_s, nx=True)
+                        await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure()
-            log.warning("cache.write_back_failed", error=type(exc).__name__)
+            log.warning("cache.write_back_failed", error=type(exc).__name__, entries=len(queued))
 
     async def drain(self) -> None:
-        if self._pending_writes:
-            await asyncio.gather(*self._pending_writes, return_exceptions=True)
+        while self._pending_writes:
+            await asyncio.gather(*list(self._pending_writes), return_exceptions=True)
 
     async def close(self) -> None:
         await self.drain()

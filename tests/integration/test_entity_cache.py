@@ -1,0 +1,63 @@
+"""EntityCache against a real redis-server: one MGET per read, coalesced NX write-backs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis
+
+from scoring_service.cache import CUSTOMER, TERMINAL, CacheEntry, CircuitBreaker, EntityCache
+from scoring_service.cache_layout import ONLINE_GENERATION, entity_key
+
+VERSION = "xgb-test-cache"
+
+
+def _entry(score: float) -> CacheEntry:
+    return CacheEntry(risk_score=score, state={"n": 1.0}, model_version=VERSION, computed_at=time.time(),
+                      reasons=[("AMOUNT_HIGH", "amount", 0.5)])
+
+
+def _cache(url: str) -> EntityCache:
+    return EntityCache(url, timeout_s=0.5, ttl_s=600, breaker=CircuitBreaker(5, 1.0))
+
+
+def test_write_backs_of_one_loop_turn_go_out_together_and_never_overwrite(redis_url: str) -> None:
+    sync = redis.Redis.from_url(redis_url)
+    kept = entity_key(VERSION, ONLINE_GENERATION, CUSTOMER, "c-kept")
+    sync.set(kept, _entry(0.9).encode())
+
+    async def run() -> tuple[int, list[CacheEntry | None]]:
+        cache = _cache(redis_url)
+        for i in range(50):
+            cache.write_back(VERSION, [(CUSTOMER, f"c-{i}", _entry(i / 100))])
+        cache.write_back(VERSION, [(CUSTOMER, "c-kept", _entry(0.1))])
+        flushes = len(cache._pending_writes)
+        await cache.drain()
+        pairs = [await cache.get_pair(VERSION, f"c-{i}", "t-none", 0.5) for i in range(50)]
+        assert await cache.get_pair(VERSION, "c-kept", "t-none", 0.5) == (CacheEntry.decode(sync.get(kept)), None)
+        await cache.close()
+        return flushes, [c for c, _ in pairs]
+
+    flushes, customers = asyncio.run(run())
+    assert flushes == 1
+    assert [round(c.risk_score, 2) if c else None for c in customers] == [i / 100 for i in range(50)]
+    assert CacheEntry.decode(sync.get(kept)).risk_score == 0.9  # NX: the batch's entry stays
+    assert 0 < sync.ttl(entity_key(VERSION, ONLINE_GENERATION, CUSTOMER, "c-7")) <= 600
+
+
+def test_write_backs_after_a_flush_started_are_not_lost(redis_url: str) -> None:
+    async def run() -> list[tuple[CacheEntry | None, CacheEntry | None]]:
+        cache = _cache(redis_url)
+        cache.write_back(VERSION, [(CUSTOMER, "late-0", _entry(0.2))])
+        await asyncio.sleep(0)  # the first flush starts
+        cache.write_back(VERSION, [(CUSTOMER, "late-1", _entry(0.3)), (TERMINAL, "late-t", _entry(0.4))])
+        await cache.drain()
+        out = [await cache.get_pair(VERSION, "late-0", "x", 0.5), await cache.get_pair(VERSION, "late-1", "late-t", 0.5)]
+        await cache.close()
+        return out
+
+    (c0, _), (c1, t1) = asyncio.run(run())
+    assert c0 is not None and c0.risk_score == 0.2
+    assert c1 is not None and c1.risk_score == 0.3
+    assert t1 is not None and t1.risk_score == 0.4
