@@ -87,7 +87,7 @@ def score_requests(traffic: Traffic, mix: str, n: int, cached_customers: set[str
         req = scoring_pb2.ScoreRequest(request_id=f"{run_id}-{mix}-{i}")
         t = req.transaction
         t.transaction_id = f"{tx[j]}-{i}"
-        t.customer_id = f"unseen-{run_id}-{i}" if unseen[i] else cust[j]
+        t.customer_id = f"unseen-{run_id}-{mix}-{i}" if unseen[i] else cust[j]  # unique across mixes too
         t.terminal_id = term[j]
         t.amount = float(amt[j])
         t.currency = "EUR"
