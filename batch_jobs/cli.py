@@ -37,10 +37,10 @@ def _settings(**overrides: Any):  # type: ignore[no-untyped-def]
 def _time(value: str | None, name: str) -> float | None:
     if value is None:
         return None
-    from batch_jobs.events import to_epoch_s
+    from scoring_service.features import epoch_seconds
 
     try:
-        return to_epoch_s(float(value) if value.replace(".", "", 1).isdigit() else value)
+        return epoch_seconds(value)
     except (ValueError, TypeError):
         raise _fail(f"{name}: not a time: {value!r} (ISO 8601, a date, or epoch seconds)") from None
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scoring_service.features import epoch_seconds
 from scoring_service.protos import events_pb2
 from scoring_service.validation import MAX_CLOCK_SKEW_S, MAX_ID_LEN, MIN_TIMESTAMP
 
@@ -48,18 +49,8 @@ def _ns_to_seconds(ns: np.ndarray) -> np.ndarray:
     return np.asarray(ns, dtype="datetime64[ns]").view("int64").astype(np.float64) / 1e9
 
 
-def to_epoch_s(ts: object) -> float:
-    """A time (str, datetime, pd.Timestamp, epoch seconds) -> epoch seconds; naive means UTC."""
-    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
-        return float(ts)
-    t = pd.Timestamp(ts)
-    if t.tzinfo is not None:
-        t = t.tz_convert("UTC").tz_localize(None)
-    return t.value / 1e9
-
-
 def to_naive_utc(ts: object) -> pd.Timestamp:
-    return pd.Timestamp(int(round(to_epoch_s(ts) * 1e6)), unit="us")
+    return pd.Timestamp(int(round(epoch_seconds(ts) * 1e6)), unit="us")
 
 
 # ------------------------------------------------------------------------------------ encoding

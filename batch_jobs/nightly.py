@@ -52,7 +52,7 @@ from batch_jobs import events as ev
 from batch_jobs.progress import Progress
 from scoring_service.config import Settings
 from scoring_service.db import BatchOffset, BatchRun, make_engine, upgrade_schema
-from scoring_service.features import LABEL_DELAY_DAYS
+from scoring_service.features import LABEL_DELAY_DAYS, epoch_seconds
 from scoring_service.logging import get_logger
 
 log = get_logger(__name__)
@@ -441,5 +441,5 @@ def rebuild_cache(payments: pd.DataFrame, as_of: Any, settings: Settings, *, red
     ``payments`` may hold labels for every payment: only those that had arrived by ``as_of``
     (payment time + the label delay) are used, as on Kafka.
     """
-    return run_batch(settings, job=job, as_of=ev.to_epoch_s(as_of), payments=payments,
+    return run_batch(settings, job=job, as_of=epoch_seconds(as_of), payments=payments,
                      redis_url=redis_url, model=model, show_progress=show_progress)

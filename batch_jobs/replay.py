@@ -26,7 +26,7 @@ from batch_jobs import events as ev
 from batch_jobs.nightly import BatchError, BatchResult, run_batch
 from scoring_service.config import Settings
 from scoring_service.evaluation import average_precision, card_precision_at_k, card_precision_per_day
-from scoring_service.features import LABEL_DELAY_DAYS
+from scoring_service.features import LABEL_DELAY_DAYS, epoch_seconds
 from scoring_service.logging import get_logger
 
 log = get_logger(__name__)
@@ -49,7 +49,7 @@ def parse_bound(spec: str | None) -> Bound:
     if parts and all(p is not None for p in parsed):
         return Bound(offsets={p: o for p, o in parsed})  # type: ignore[misc]
     try:
-        return Bound(time=ev.to_epoch_s(float(spec) if spec.replace(".", "", 1).isdigit() else spec))
+        return Bound(time=epoch_seconds(spec))
     except (ValueError, TypeError) as exc:
         raise BatchError(f"bad time or partition:offset {spec!r}: {exc}") from None
 

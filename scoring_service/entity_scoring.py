@@ -38,14 +38,6 @@ import pandas as pd
 from scoring_service import features
 from scoring_service.cache_layout import CacheEntry
 
-def _as_of_seconds(as_of: Any) -> float:
-    if isinstance(as_of, (int, float)) and not isinstance(as_of, bool):
-        return float(as_of)
-    t = pd.Timestamp(as_of)
-    if t.tzinfo is not None:
-        t = t.tz_convert("UTC").tz_localize(None)
-    return (t.value // 1000) / 1e6
-
 
 def _predict(model: Any, X: np.ndarray, batch_size: int) -> np.ndarray:
     out = np.empty(len(X), dtype=np.float64)
@@ -81,7 +73,7 @@ def build_entries(
     import time
 
     t0 = time.perf_counter()
-    a = _as_of_seconds(as_of)
+    a = features.epoch_seconds(as_of)
     ts = payments["timestamp"].to_numpy(dtype="datetime64[ns]").view("int64") / 1e9
     known = payments.loc[ts <= a].sort_values("timestamp", kind="stable")  # the feature code expects time order
     cust_states, term_states = features.entity_states(known, pd.Timestamp(int(round(a * 1e6)), unit="us"))

@@ -2,7 +2,7 @@
 
 Time
     Every timestamp is turned into float *seconds since the Unix epoch* through whole
-    microseconds (``_to_seconds`` / ``_dt_seconds``), the same way in both paths, so calendar
+    microseconds (``_to_seconds`` / ``epoch_seconds``), the same way in both paths, so calendar
     features and "days since" features agree bit for bit between batch and online.
 
 Windows (continuous time, as in the handbook's ``rolling('Nd')``)
@@ -190,10 +190,18 @@ def _to_seconds(us: np.ndarray) -> np.ndarray:
     return us.astype(np.float64) / 1e6
 
 
-def _dt_seconds(timestamp) -> float:
-    """Canonical float epoch seconds of one timestamp (datetime, pd.Timestamp, np.datetime64, float)."""
+def epoch_seconds(timestamp) -> float:
+    """Canonical float epoch seconds of one timestamp (float, ISO string, datetime, pd.Timestamp,
+    np.datetime64), truncated to the microsecond; a naive time means UTC. A string of digits is
+    epoch seconds. Raises ValueError for a string that is not a time."""
     if isinstance(timestamp, (float, int)) and not isinstance(timestamp, bool):
         return float(timestamp)
+    if isinstance(timestamp, str):
+        if timestamp.replace(".", "", 1).isdigit():
+            return float(timestamp)
+        timestamp = pd.Timestamp(timestamp)
+        if timestamp is pd.NaT:  # "", "NaT"
+            raise ValueError("not a time")
     if isinstance(timestamp, pd.Timestamp):
         return float(timestamp.value // 1000) / 1e6  # .value is UTC for aware timestamps
     if isinstance(timestamp, datetime):
@@ -477,7 +485,7 @@ _EMPTY_TERMINAL = {"n1": 0.0, "f1": 0.0, "n7": 0.0, "f7": 0.0, "n14": 0.0, "f14"
 
 def _online_row(amount: float, timestamp, cs: dict | None, ts: dict | None) -> list[float]:
     a = float(amount)
-    t = _dt_seconds(timestamp)
+    t = epoch_seconds(timestamp)
     if cs is None:  # as _cold_customer
         c = {"n1": 1.0, "s1": a, "n7": 1.0, "s7": a, "n30": 1.0, "s30": a, "q30": a * a, "mx30": 0.0, "kf": 0.0}
     else:
@@ -517,7 +525,7 @@ def online_features_many(rows: Sequence[tuple]) -> np.ndarray:
 def advance_customer_state(state: dict | None, amount: float, timestamp) -> dict:
     """The customer's state after this payment (windows gain it; nothing expires here)."""
     a = float(amount)
-    t = _dt_seconds(timestamp)
+    t = epoch_seconds(timestamp)
     if state is None:
         state = {
             "nb_tx_1d": 0.0, "sum_amount_1d": 0.0, "nb_tx_7d": 0.0, "sum_amount_7d": 0.0,

@@ -222,3 +222,18 @@ def test_cold_customer_features_match_online_with_unseen_customer(payments):
         _, ts = F.entity_states(sub.iloc[:i][term[:i] == term[i]], sub["timestamp"].iloc[i])
         f = F.online_features(sub["amount"].iloc[i], sub["timestamp"].iloc[i], None, ts.get(term[i]))
         np.testing.assert_allclose(f, cold[i], rtol=1e-5, atol=1e-4)
+
+
+def test_epoch_seconds_reads_every_time_form_the_clis_accept():
+    import datetime as dt
+
+    epoch_seconds = F.epoch_seconds
+    t = 1535760000.0  # 2018-09-01T00:00:00Z
+    assert epoch_seconds("2018-09-01") == t
+    assert epoch_seconds("2018-09-01T02:00:00+02:00") == t
+    assert epoch_seconds("1535760000.5") == t + 0.5
+    assert epoch_seconds(pd.Timestamp("2018-09-01 00:00:00.0000019")) == t + 0.000001  # microsecond truncation
+    assert epoch_seconds(dt.datetime(2018, 9, 1, tzinfo=dt.timezone.utc)) == t
+    for bad in ("yesterday", "", "NaT"):
+        with pytest.raises(ValueError):
+            epoch_seconds(bad)
