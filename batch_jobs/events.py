@@ -193,6 +193,18 @@ def validate_payment_event(ev: events_pb2.PaymentEvent, *, now: float | None = N
         raise EventError(r)
 
 
+def _parse(message_type, value: bytes | None):  # type: ignore[no-untyped-def]
+    """(the decoded message, "") or (None, why it could not be decoded)."""
+    ev = message_type()
+    try:
+        if value is None:
+            raise ValueError("empty message")
+        ev.ParseFromString(value)
+    except Exception as exc:  # DecodeError and friends
+        return None, f"undecodable {message_type.__name__}: {exc}"[:500]
+    return ev, ""
+
+
 def decode_payments(messages: Iterable[tuple[str, int, int, bytes | None, bytes | None]], *,
                     now: float | None = None) -> DecodedPayments:
     """``(topic, partition, offset, key, value)`` -> normalised payments + rejected messages."""
@@ -200,13 +212,9 @@ def decode_payments(messages: Iterable[tuple[str, int, int, bytes | None, bytes 
     tx, cu, te, am, ts_us, src = [], [], [], [], [], []
     rejected: list[Rejected] = []
     for topic, part, off, key, value in messages:
-        ev = PaymentEvent()
-        try:
-            if value is None:
-                raise ValueError("empty message")
-            ev.ParseFromString(value)
-        except Exception as exc:  # DecodeError and friends
-            rejected.append(Rejected(topic, part, off, key, value, f"undecodable PaymentEvent: {exc}"[:500]))
+        ev, why = _parse(PaymentEvent, value)
+        if ev is None:
+            rejected.append(Rejected(topic, part, off, key, value, why))
             continue
         if not ev.HasField("timestamp"):
             rejected.append(Rejected(topic, part, off, key, value, "timestamp: is required"))
@@ -242,13 +250,9 @@ def decode_labels(messages: Iterable[tuple[str, int, int, bytes | None, bytes | 
     tx, fr, at = [], [], []
     rejected: list[Rejected] = []
     for topic, part, off, key, value in messages:
-        ev = LabelEvent()
-        try:
-            if value is None:
-                raise ValueError("empty message")
-            ev.ParseFromString(value)
-        except Exception as exc:
-            rejected.append(Rejected(topic, part, off, key, value, f"undecodable LabelEvent: {exc}"[:500]))
+        ev, why = _parse(LabelEvent, value)
+        if ev is None:
+            rejected.append(Rejected(topic, part, off, key, value, why))
             continue
         if not ev.transaction_id or len(ev.transaction_id) > MAX_ID_LEN:
             rejected.append(Rejected(topic, part, off, key, value, "transaction_id: is required, at most 128 characters"))
