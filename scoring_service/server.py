@@ -97,8 +97,7 @@ class FraudScoringServicer(scoring_pb2_grpc.FraudScoringServicer):
             budget = min(budget, remaining)
         return start + budget
 
-    async def _score_one(self, request: scoring_pb2.ScoreRequest, deadline: float, start: float, prefix: str = "") -> scoring_pb2.ScoreResponse:
-        payment = _payment_of(request, self.settings, prefix)
+    async def _score_one(self, request: scoring_pb2.ScoreRequest, payment: Payment, deadline: float, start: float) -> scoring_pb2.ScoreResponse:
         request_id = request.request_id or uuid.uuid4().hex
         result = await self.scorer.score(payment, deadline)
         latency_ms = (time.monotonic() - start) * 1000.0
@@ -121,7 +120,7 @@ class FraudScoringServicer(scoring_pb2_grpc.FraudScoringServicer):
     async def Score(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
         start = time.monotonic()
         try:
-            return await self._score_one(request, self._deadline(context, start), start)
+            return await self._score_one(request, _payment_of(request, self.settings), self._deadline(context, start), start)
         except Exception as exc:
             await _abort_for(context, exc)
 
@@ -133,10 +132,9 @@ class FraudScoringServicer(scoring_pb2_grpc.FraudScoringServicer):
                 raise ValidationError("requests", f"holds {n} requests; at most {self.settings.max_batch_request}")
             deadline = self._deadline(context, start)
             # Validate all first: one bad request fails the call before any work is done.
-            for i, r in enumerate(request.requests):
-                _payment_of(r, self.settings, f"requests[{i}].")
+            payments = [_payment_of(r, self.settings, f"requests[{i}].") for i, r in enumerate(request.requests)]
             answers = await asyncio.gather(
-                *(self._score_one(r, deadline, start, f"requests[{i}].") for i, r in enumerate(request.requests))
+                *(self._score_one(r, p, deadline, start) for r, p in zip(request.requests, payments))
             )
             return scoring_pb2.ScoreBatchResponse(responses=answers)
         except Exception as exc:
