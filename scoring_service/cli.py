@@ -70,7 +70,16 @@ def _worker_main(settings_json: str, redis_url: str | None) -> None:
     configure_logging(settings.log_format, settings.log_level)
     from scoring_service.server import serve_forever
 
-    asyncio.run(serve_forever(settings, redis_url))
+    run_event_loop(serve_forever(settings, redis_url), settings.event_loop)
+
+
+def run_event_loop(coro, kind: str = "uvloop"):  # type: ignore[no-untyped-def]
+    """Run ``coro`` to completion on a new event loop: uvloop, or the standard one."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 @app.command()
@@ -103,7 +112,7 @@ def serve(
         if settings.workers == 1:
             from scoring_service.server import serve_forever
 
-            asyncio.run(serve_forever(settings, redis_url))
+            run_event_loop(serve_forever(settings, redis_url), settings.event_loop)
             return
         ctx = multiprocessing.get_context("spawn")
         procs = [

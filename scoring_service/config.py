@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,9 @@ class Settings(BaseSettings):
     kafka_topic_prefix: str = Field("fraudscore", description="Topics: <prefix>.payments, .labels, .dead-letter.")
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address.")
     workers: int = Field(1, ge=1, description="Server processes sharing the port (SO_REUSEPORT).")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="uvloop (~20 % less CPU per request, bench/HISTORY.md) or the standard asyncio loop."
+    )
     mode: ScoringMode = Field(ScoringMode.CACHE_FIRST, description="cache-first or always-model.")
     budget_ms: float = Field(100.0, gt=0, description="Latency budget per request (never beyond the caller's deadline).")
     redis_timeout_ms: float = Field(15.0, gt=0, description="Socket timeout for cache reads on the request path.")
