@@ -11,9 +11,6 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from scoring_service.cache_layout import (
     CUSTOMER,
     ONLINE_GENERATION,
@@ -23,6 +20,9 @@ from scoring_service.cache_layout import (
     entity_key,
 )
 from scoring_service.logging import get_logger
+from scoring_service.resp import PipelinedRedis, RedisReplyError
+
+RedisError = (RedisReplyError, OSError, TimeoutError)  # ConnectionError is an OSError
 
 log = get_logger(__name__)
 
@@ -74,13 +74,8 @@ class CacheUnavailable(Exception):
 
 class EntityCache:
     def __init__(self, url: str, *, timeout_s: float, ttl_s: int, breaker: CircuitBreaker) -> None:
-        self._client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            max_connections=256,
-            health_check_interval=0,
-        )
+        # One pipelined connection for every request of this process (scoring_service/resp.py).
+        self._client = PipelinedRedis(url, connect_timeout_s=max(timeout_s, 0.5), stale_after_s=max(1.0, 20 * timeout_s))
         self.timeout_s = timeout_s
         self.ttl_s = ttl_s
         self.breaker = breaker
@@ -97,8 +92,9 @@ class EntityCache:
         if not self.breaker.allow():
             return self.generation(model_version)
         try:
-            raw = await asyncio.wait_for(self._client.get(active_generation_key(model_version)), self.timeout_s * 4)
-        except (RedisError, OSError, TimeoutError) as exc:
+            async with asyncio.timeout(self.timeout_s * 4):
+                raw = await self._client.execute("GET", active_generation_key(model_version))
+        except RedisError as exc:
             self.breaker.failure()
             log.debug("redis.generation_refresh_failed", error=str(exc))
             return self.generation(model_version)
@@ -122,8 +118,8 @@ class EntityCache:
         )
         try:
             async with asyncio.timeout(min(timeout_s, self.timeout_s)):  # no extra task, unlike wait_for
-                raw_c, raw_t = await self._client.mget(keys)
-        except (RedisError, OSError, TimeoutError) as exc:
+                raw_c, raw_t = await self._client.execute("MGET", *keys)
+        except RedisError as exc:
             self.breaker.failure()
             raise CacheUnavailable(type(exc).__name__) from exc
         self.breaker.success()
@@ -151,16 +147,13 @@ class EntityCache:
             return
         try:
             async with asyncio.timeout(self.timeout_s * 10):
-                if len(queued) == 1:
-                    key, entry = queued[0]
-                    # NX: never overwrite an entry a batch run (or a concurrent request) wrote.
-                    await self._client.set(key, entry.encode(), ex=self.ttl_s, nx=True)
-                else:
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for key, entry in queued:
-                            pipe.set(key, entry.encode(), ex=self.ttl_s, nx=True)
-                        await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+                # NX: never overwrite an entry a batch run (or a concurrent request) wrote.
+                replies = await self._client.execute_many(
+                    [("SET", key, entry.encode(), "EX", self.ttl_s, "NX") for key, entry in queued])
+            errors = [r for r in replies if isinstance(r, RedisReplyError)]
+            if errors:
+                raise errors[0]
+        except RedisError as exc:
             self.breaker.failure()
             log.warning("cache.write_back_failed", error=type(exc).__name__, entries=len(queued))
 

@@ -12,6 +12,7 @@ from tests.servers.common import free_port, require_binary, stop_process, wait_f
 @dataclass
 class RedisServer:
     port: int = field(default_factory=free_port)
+    extra_args: tuple[str, ...] = ()  # e.g. ("--requirepass", "s3cret")
     proc: subprocess.Popen | None = None
     _dir: tempfile.TemporaryDirectory | None = None
 
@@ -24,7 +25,7 @@ class RedisServer:
         self._dir = tempfile.TemporaryDirectory(prefix="fs-redis-")
         self.proc = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", self._dir.name, "--loglevel", "warning"],
+             "--dir", self._dir.name, "--loglevel", "warning", *self.extra_args],
             stdout=subprocess.DEVNULL,
         )
         wait_for_port(self.port, 10, self.proc)

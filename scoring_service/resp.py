@@ -1,0 +1,209 @@
+"""A small pipelining Redis client for the request path (RESP2 over one asyncio connection).
+
+Every concurrent request shares one connection: commands issued during one turn of the event
+loop leave in one ``send`` and their replies come back in order, parsed by hiredis. There is no
+pool to take from and give back, no per-command lock, and no socket per in-flight request,
+which is what a cache hit spent most of its Redis time on with ``redis.asyncio`` (see
+bench/HISTORY.md). Only what the online cache needs is here: ``execute`` one command or
+``execute_many`` in a pipeline; AUTH and SELECT from the URL; TCP, TLS (``rediss://``) and
+Unix sockets. Anything else uses redis-py.
+
+Timeouts belong to the caller (``asyncio.timeout``): a reply whose waiter gave up is read and
+dropped, so the connection stays in step. A broken connection fails every waiter with
+``ConnectionError`` and the next command opens a new one. A connection whose oldest reply is
+overdue by ``stale_after_s`` (a hung server, a black-holed route) is dropped the same way by the
+next command, so that the circuit breaker's trial calls reach a fresh connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import deque
+from collections.abc import Sequence
+from urllib.parse import unquote, urlparse
+
+import hiredis
+
+Arg = bytes | str | int | float
+
+
+class RedisReplyError(Exception):
+    """Redis answered with an error (``-ERR ...``)."""
+
+
+def pack(args: Sequence[Arg]) -> bytes:
+    """One command in RESP2 (an array of bulk strings)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, str):
+            a = a.encode()
+        elif not isinstance(a, bytes):
+            a = str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, owner: PipelinedRedis) -> None:
+        self.owner = owner
+        self.reader = hiredis.Reader(replyError=RedisReplyError)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiters = self.owner._waiters
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            if not waiters:  # a reply nobody asked for: the stream is out of step
+                self.owner._broken(ConnectionError("unexpected reply from Redis"))
+                return
+            fut, n, acc, _ = waiters[0]
+            if n:  # a pipeline of n commands: collect its n replies
+                acc.append(reply)
+                if len(acc) < n:
+                    continue
+                reply = acc
+            waiters.popleft()
+            if not fut.done():
+                if not n and isinstance(reply, RedisReplyError):
+                    fut.set_exception(reply)
+                else:
+                    fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._broken(exc or ConnectionError("Redis closed the connection"))
+
+
+class PipelinedRedis:
+    """``await r.execute("MGET", k1, k2)``; ``await r.execute_many([("SET", k, v), ...])``."""
+
+    def __init__(self, url: str, *, connect_timeout_s: float = 1.0, stale_after_s: float = 1.0) -> None:
+        u = urlparse(url)
+        if u.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"REDIS_URL: unsupported scheme {u.scheme!r} (redis://, rediss://, unix://)")
+        self._unix_path = u.path if u.scheme == "unix" else None
+        self._host = u.hostname or "localhost"
+        self._port = u.port or 6379
+        self._tls = u.scheme == "rediss"
+        self._username = unquote(u.username) if u.username else None
+        self._password = unquote(u.password) if u.password else None
+        db = u.path.lstrip("/") if u.scheme != "unix" else ""
+        query = dict(p.split("=", 1) for p in u.query.split("&") if "=" in p)
+        self._db = int(query.get("db") or db or 0)
+        self.connect_timeout_s = connect_timeout_s
+        self.stale_after_s = stale_after_s
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Future[None] | None = None
+        self._waiters: deque[tuple[asyncio.Future, int, list, float]] = deque()  # (future, n, replies, sent at)
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._closed = False
+
+    # -------------------------------------------------------------- connection
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout_s):
+            if self._unix_path:
+                _, proto = await loop.create_unix_connection(lambda: _Protocol(self), self._unix_path)
+            else:
+                _, proto = await loop.create_connection(
+                    lambda: _Protocol(self), self._host, self._port,
+                    ssl=ssl.create_default_context() if self._tls else None)
+        sock = proto.transport.get_extra_info("socket")
+        if sock is not None and not self._unix_path:
+            import socket
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._proto = proto
+        hello: list[tuple[Arg, ...]] = []
+        if self._password is not None:
+            hello.append(("AUTH", self._username, self._password) if self._username else ("AUTH", self._password))
+        if self._db:
+            hello.append(("SELECT", self._db))
+        if hello:
+            replies = await self._send_many(hello)
+            for r in replies:
+                if isinstance(r, RedisReplyError):
+                    self._broken(ConnectionError(f"Redis refused the connection set-up: {r}"))
+                    raise r
+
+    async def _ensure(self) -> None:
+        if self._closed:
+            raise ConnectionError("client closed")
+        if self._proto is not None:
+            return
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(self._connected)
+        await asyncio.shield(self._connecting)
+
+    def _connected(self, fut: asyncio.Future[None]) -> None:
+        self._connecting = None
+        if not fut.cancelled():
+            fut.exception()  # retrieved here; the awaiting callers re-raise it
+
+    def _broken(self, exc: BaseException) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None:
+            proto.transport.abort()
+        waiters, self._waiters = self._waiters, deque()
+        self._out.clear()
+        for fut, *_ in waiters:
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"Redis connection lost: {exc}"))
+
+    # -------------------------------------------------------------- commands
+    def _enqueue(self, data: bytes, n: int) -> asyncio.Future:
+        """Queue ``data`` for the next send; n = 0: one command, else a pipeline of n."""
+        fut = asyncio.get_running_loop().create_future()
+        now = time.monotonic()
+        if self._waiters and now - self._waiters[0][3] > self.stale_after_s:
+            self._broken(TimeoutError(f"no reply from Redis for {now - self._waiters[0][3]:.1f}s"))
+            fut.set_exception(ConnectionError("Redis connection dropped: replies overdue"))
+            return fut
+        self._waiters.append((fut, n, [], now))
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        data, self._out = b"".join(self._out), []
+        if self._proto is None or self._proto.transport is None:
+            self._broken(ConnectionError("not connected"))
+            return
+        self._proto.transport.write(data)
+
+    async def _send_many(self, commands: Sequence[Sequence[Arg]]) -> list:
+        return await self._enqueue(b"".join(pack(c) for c in commands), len(commands))
+
+    async def execute(self, *args: Arg):  # type: ignore[no-untyped-def]
+        """One command's reply (bytes, int, list, None); a Redis error raises ``RedisReplyError``."""
+        if self._proto is None:
+            await self._ensure()
+        return await self._enqueue(pack(args), 0)
+
+    async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list:
+        """Replies of a pipeline, in order; Redis errors come back as ``RedisReplyError`` values."""
+        if not commands:
+            return []
+        if self._proto is None:
+            await self._ensure()
+        return await self._send_many(commands)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+        self._proto = None
