@@ -26,6 +26,7 @@ from bench.loadgen import run_fsload
 
 RESULTS = BENCH / "results"
 MIXES = ("hits", "mixed", "unseen")
+CEILING = "grpc.aio constant (ceiling)"
 
 
 def pinning(kind: str) -> tuple[str | None, str | None]:
@@ -196,6 +197,17 @@ def main(argv=None) -> int:
                             extra_pids={"redis": [envr.redis.proc.pid]}, fields=(S.SOURCE_FIELD, S.DEGRADED_FIELD)))
                 finally:
                     svc.stop()
+            # The ceiling: the same contract, workers and load generator, a server that does nothing.
+            from bench.grpc_ceiling import CeilingServer
+
+            path = D.write(CACHE_DIR / "score-ceiling.bin", D.score_requests(traffic, "hits", plan.rows, None, run_id))
+            ceiling = CeilingServer(workers=args.workers, cpus=srv_cpus).start()
+            try:
+                results["scenarios"].append(scenario(
+                    CEILING, ceiling.describe(), addr=ceiling.address, method=S.METHOD, data=path,
+                    pids=ceiling.pids(), plan=plan, lg_cpus=lg_cpus, offset=[0], fields=(S.SOURCE_FIELD, S.DEGRADED_FIELD)))
+            finally:
+                ceiling.stop()
         except Exception as exc:  # the reference still runs; the failure is reported
             log(f"fraudscore part failed: {exc}")
             results["failures"].append({"part": "fraudscore", "error": f"{type(exc).__name__}: {exc}",
