@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 
 def _response():
-    from scoring_service._generated.fraudscore.v1 import scoring_pb2
+    from scoring_service.protos import scoring_pb2
 
     # The size and shape of a real cache-hit answer: three reasons and a scored_at time.
     r = scoring_pb2.ScoreResponse(request_id="00000000-0000-4000-8000-000000000000", transaction_id="1234567",
@@ -40,7 +40,7 @@ async def _serve(listen: str) -> None:
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from scoring_service._generated.fraudscore.v1 import scoring_pb2_grpc
+    from scoring_service.protos import scoring_pb2_grpc
 
     answer = _response()
 
