@@ -31,8 +31,10 @@ class Overloaded(Exception):
 
 
 class MicroBatcher:
-    def __init__(self, fn: BatchFn, *, max_size: int, max_wait_s: float, executor: Executor, max_queue: int = 0) -> None:
+    def __init__(self, fn: BatchFn, *, max_size: int, max_wait_s: float, executor: Executor, max_queue: int = 0,
+                 inline_max_rows: int = 0) -> None:
         self._fn = fn
+        self.inline_max_rows = inline_max_rows  # batches this small run on the event loop: no thread hop
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self._executor = executor
@@ -96,9 +98,11 @@ class MicroBatcher:
             if not live:
                 continue
             try:
-                probs, explanations = await loop.run_in_executor(
-                    self._executor, self._fn, np.stack([row for row, _ in live])
-                )
+                x = np.stack([row for row, _ in live])
+                if len(live) <= self.inline_max_rows:
+                    probs, explanations = self._fn(x)
+                else:
+                    probs, explanations = await loop.run_in_executor(self._executor, self._fn, x)
             except asyncio.CancelledError:
                 for _, fut in live:
                     if not fut.done():

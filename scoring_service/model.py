@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 
 GPU_MIN_ROWS = 1000
+# Path attribution for batches up to this many rows runs in ``forest.Forest`` (NumPy), not XGBoost:
+# 46 µs against 317 µs for one row, 231 against 704 for 16, 879 against 1,544 for 64 (this machine).
+FOREST_MAX_ROWS = 128
 
 
 class ModelError(Exception):
@@ -80,7 +83,8 @@ class GbdtModel:
     feature_names: list[str]
     device: str
 
-    def __init__(self, framework: str, feature_names: list[str], booster, device: str = "cpu", nthread: int = 1, gpu_booster=None):
+    def __init__(self, framework: str, feature_names: list[str], booster, device: str = "cpu", nthread: int = 1,
+                 gpu_booster=None, forest_max_rows: int = FOREST_MAX_ROWS):
         self.framework = framework
         self.feature_names = list(feature_names)
         self.device = device
@@ -89,10 +93,20 @@ class GbdtModel:
         self._gpu_booster = gpu_booster  # XGBoost copy on cuda for big batches
         self._codes_pos = [_reason_code(f, 1.0) for f in self.feature_names]
         self._codes_neg = [_reason_code(f, -1.0) for f in self.feature_names]
+        self._forest = None
+        self.forest_max_rows = 0
+        if framework == "xgboost" and forest_max_rows > 0:
+            from scoring_service.forest import Forest
+
+            self._forest = Forest.from_xgboost(booster)
+            if self._forest is not None and self._forest.n_features == len(self.feature_names):
+                self.forest_max_rows = forest_max_rows
+            else:
+                self._forest = None
 
     @classmethod
     def load(cls, path, framework: str, feature_names: list[str], expected_sha256: str | None = None,
-             device: str = "auto", nthread: int = 1) -> "GbdtModel":
+             device: str = "auto", nthread: int = 1, forest_max_rows: int = FOREST_MAX_ROWS) -> "GbdtModel":
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
@@ -129,7 +143,7 @@ class GbdtModel:
             raise ModelError(f"cannot load {framework} model {path}: {e}") from e
         if n_feat != len(feature_names):
             raise ModelError(f"model {path} expects {n_feat} features, {len(feature_names)} feature names given")
-        return cls(framework, feature_names, booster, dev, nthread, gpu)
+        return cls(framework, feature_names, booster, dev, nthread, gpu, forest_max_rows)
 
     def _check(self, X) -> np.ndarray:
         X = np.asarray(X, dtype=np.float32)
@@ -153,6 +167,8 @@ class GbdtModel:
 
         ``approx`` (XGBoost only): path attribution (Saabas) instead of TreeSHAP, about 10x
         cheaper; it sums to the same margin, and picks the same top reason ~80% of the time."""
+        if approx and len(X) <= self.forest_max_rows:
+            return self._forest.contributions(X)  # type: ignore[union-attr]
         if self.framework == "xgboost":
             import xgboost as xgb
 

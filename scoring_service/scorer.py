@@ -78,6 +78,7 @@ class ServingModel:
             expected_sha256=record.sha256,
             device=settings.device,
             nthread=settings.model_threads,
+            forest_max_rows=settings.forest_max_rows,
         )
         top_k = 3
         exact_from = {
@@ -94,6 +95,9 @@ class ServingModel:
             max_size=settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_ms / 1000.0,
             executor=executor,
+            # NumPy batches run on the event loop (no thread hop); XGBoost calls (TreeSHAP for every row,
+            # big batches, LightGBM) stay in the model thread.
+            inline_max_rows=0 if exact_from is None else min(settings.batch_inline_max_rows, model.forest_max_rows),
         )
         return cls(record=record, model=model, policy=Policy.of(record.thresholds, record.policy), batcher=batcher, top_k=top_k)
 

@@ -123,3 +123,33 @@ def test_cache_entry_round_trip_and_keys_carry_model_version_and_generation():
     assert "xgb-1" in entity_key("xgb-1", "42", "c", "cust") and ":42:" in entity_key("xgb-1", "42", "c", "cust")
     assert entity_key("xgb-1", "42", "c", "x") != entity_key("xgb-2", "42", "c", "x")
     assert active_generation_key("xgb-1") != active_generation_key("xgb-2")
+
+
+def test_small_batches_run_inline_and_large_ones_in_the_executor():
+    where = []
+
+    def fn(x):
+        where.append((len(x), threading.current_thread().name))
+        if len(x) == 2:
+            raise ValueError("bad batch")
+        return x[:, 0] + 1, [None] * len(x)
+
+    async def main():
+        b = MicroBatcher(fn, max_size=8, max_wait_s=0.0, executor=ThreadPoolExecutor(1, thread_name_prefix="model"),
+                         inline_max_rows=4)
+        b.start()
+        one = await b.submit(np.array([1.0]))
+        # an inline batch that fails fails its own requests only
+        bad = await asyncio.gather(b.submit(np.array([0.0])), b.submit(np.array([0.0])), return_exceptions=True)
+        many = await asyncio.gather(*(b.submit(np.array([float(i)])) for i in range(6)))
+        await b.stop()
+        return one, bad, many
+
+    one, bad, many = asyncio.run(main())
+    assert one == (2.0, None) and many == [(float(i) + 1, None) for i in range(6)]
+    assert all(isinstance(e, ValueError) for e in bad)
+    main_thread = threading.main_thread().name
+    assert where[0] == (1, main_thread) and where[1] == (2, main_thread)
+    assert sum(n for n, _ in where[2:]) == 6
+    assert all(name.startswith("model") if n > 4 else name == main_thread for n, name in where[2:])
+    assert any(n > 4 for n, _ in where[2:])  # the six queued together: at least one batch went to the model thread
