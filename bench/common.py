@@ -90,6 +90,16 @@ def stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
         proc.wait(timeout=5)
 
 
+def grpc_health_serving(address: str) -> bool:
+    """True when the gRPC health service at ``address`` says SERVING for the whole server."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+    return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def wait_grpc_ready(port: int, proc: subprocess.Popen, timeout: float, check=None) -> None:
     """Wait for the port, then (optionally) for ``check()`` to return True."""
     from tests.servers.common import wait_for_port

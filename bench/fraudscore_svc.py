@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import REPO, log, stop, taskset_prefix, wait_grpc_ready
+from bench.common import REPO, grpc_health_serving, log, stop, taskset_prefix, wait_grpc_ready
 
 METHOD = "/fraudscore.v1.FraudScoring/Score"
 SOURCE_FIELD, DEGRADED_FIELD = 5, 9  # ScoreResponse.source, .degraded
@@ -123,17 +123,9 @@ class Service:
              "--workers", str(self.workers), "--mode", self.mode],
             env=self.envr.env, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
         t0 = time.monotonic()
-        wait_grpc_ready(self.port, self.proc, 120, check=self._serving)
+        wait_grpc_ready(self.port, self.proc, 120, check=lambda: grpc_health_serving(self.address))
         log(f"fraudscore serve ({self.mode}, {self.workers} workers) ready on {self.address} in {time.monotonic() - t0:.1f}s")
         return self
-
-    def _serving(self) -> bool:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        with grpc.insecure_channel(self.address) as ch:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-        return r.status == health_pb2.HealthCheckResponse.SERVING
 
     def pids(self) -> list[int]:
         return [self.proc.pid] if self.proc else []

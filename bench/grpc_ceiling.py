@@ -88,24 +88,16 @@ class CeilingServer:
                 "cpus": self.cpus or "all", "event_loop": "uvloop"}
 
     def start(self) -> CeilingServer:
-        from bench.common import REPO, log, taskset_prefix, wait_grpc_ready
+        from bench.common import REPO, grpc_health_serving, log, taskset_prefix, wait_grpc_ready
         from tests.servers.common import free_port
 
         self.port = free_port()
         self.proc = subprocess.Popen([*taskset_prefix(self.cpus), sys.executable, "-m", "bench.grpc_ceiling",
                                       "--listen", self.address, "--workers", str(self.workers)], cwd=REPO)
         t0 = time.monotonic()
-        wait_grpc_ready(self.port, self.proc, 60, check=self._serving)
+        wait_grpc_ready(self.port, self.proc, 60, check=lambda: grpc_health_serving(self.address))
         log(f"grpc ceiling ({self.workers} workers) ready on {self.address} in {time.monotonic() - t0:.1f}s")
         return self
-
-    def _serving(self) -> bool:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        with grpc.insecure_channel(self.address) as ch:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-        return r.status == health_pb2.HealthCheckResponse.SERVING
 
     def pids(self) -> list[int]:
         return [self.proc.pid] if self.proc else []
