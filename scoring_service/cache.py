@@ -117,8 +117,8 @@ class EntityCache:
             entity_key(model_version, gen, TERMINAL, terminal_id),
         )
         try:
-            async with asyncio.timeout(min(timeout_s, self.timeout_s)):  # no extra task, unlike wait_for
-                raw_c, raw_t = await self._client.execute("MGET", *keys)
+            # Not asyncio.timeout: a loop running late must not time out on replies already read.
+            raw_c, raw_t = await self._client.execute_within(min(timeout_s, self.timeout_s), "MGET", *keys)
         except RedisError as exc:
             self.breaker.failure()
             raise CacheUnavailable(type(exc).__name__) from exc

@@ -194,6 +194,37 @@ class PipelinedRedis:
             await self._ensure()
         return await self._enqueue(pack(args), 0)
 
+    async def execute_within(self, timeout_s: float, *args: Arg):  # type: ignore[no-untyped-def]
+        """``execute`` bounded by ``timeout_s``, but never timed out on a reply that is already here.
+
+        ``asyncio.timeout`` measures wall time: when the event loop runs late (busy with other
+        requests), the timer and the reply are due in the same turn, and uvloop runs timers
+        before it reads sockets, so a reply Redis sent in 0.1 ms counts as a timeout. Here an
+        expired timer waits two more turns of the loop, one poll of the socket included, before
+        it gives up. A Redis that has not answered still fails within a turn of the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if self._proto is None:
+            async with asyncio.timeout_at(deadline):
+                await self._ensure()
+        fut = self._enqueue(pack(args), 0)
+        handles: list[asyncio.Handle] = []
+
+        def expire(turns: int) -> None:
+            if fut.done():
+                return
+            if turns:
+                handles.append(loop.call_soon(expire, turns - 1))
+            else:
+                fut.set_exception(TimeoutError(f"no reply from Redis within {timeout_s * 1000:.1f} ms"))
+
+        handles.append(loop.call_at(deadline, expire, 2))
+        try:
+            return await fut
+        finally:
+            for h in handles:
+                h.cancel()
+
     async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list:
         """Replies of a pipeline, in order; Redis errors come back as ``RedisReplyError`` values."""
         if not commands:

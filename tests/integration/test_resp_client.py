@@ -70,6 +70,40 @@ def test_a_caller_that_gave_up_does_not_shift_the_replies(redis_url: str) -> Non
     assert asyncio.run(run()) == b"right"
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_late_event_loop_does_not_time_out_on_a_reply_that_arrived(redis_url: str, loop: str) -> None:
+    """The loop is blocked past the deadline while Redis answers: the reply wins, as it should.
+
+    With ``asyncio.timeout`` both loops raise TimeoutError here (the timer cancels the task before
+    the reply's wake-up runs), which is what made busy workers report a working Redis as down."""
+    import time
+
+    from scoring_service.cli import run_event_loop
+
+    async def run():
+        r = PipelinedRedis(redis_url)
+        await r.execute("SET", "resp:late", "here")
+        got = []
+        for _ in range(5):
+            task = asyncio.ensure_future(r.execute_within(0.005, "GET", "resp:late"))
+            await asyncio.sleep(0)  # the command is queued and its send scheduled
+            await asyncio.sleep(0)  # sent
+            time.sleep(0.03)  # the loop is busy elsewhere: Redis answers, the deadline passes
+            got.append(await task)
+        with pytest.raises(TimeoutError, match="within"):  # a reply that does not come still times out
+            await r.execute_within(0.02, "BLPOP", "resp:late-empty", "0.5")
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await r.execute_within(0.02, "BLPOP", "resp:late-empty", "0.5")
+        waited = time.monotonic() - t0
+        await r.aclose()
+        return got, waited
+
+    got, waited = run_event_loop(run(), loop)
+    assert got == [b"here"] * 5
+    assert waited < 0.3  # gave up near its deadline, not when Redis answered (0.5 s)
+
+
 def test_a_killed_connection_fails_its_waiters_and_the_next_command_reconnects(redis_url: str) -> None:
     sync = redis.Redis.from_url(redis_url)
     sync.set("resp:k", "v")
