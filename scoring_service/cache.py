@@ -92,8 +92,7 @@ class EntityCache:
         if not self.breaker.allow():
             return self.generation(model_version)
         try:
-            async with asyncio.timeout(self.timeout_s * 4):
-                raw = await self._client.execute("GET", active_generation_key(model_version))
+            raw = await self._client.execute("GET", active_generation_key(model_version), timeout_s=self.timeout_s * 4)
         except RedisError as exc:
             self.breaker.failure()
             log.debug("redis.generation_refresh_failed", error=str(exc))
@@ -117,8 +116,7 @@ class EntityCache:
             entity_key(model_version, gen, TERMINAL, terminal_id),
         )
         try:
-            # Not asyncio.timeout: a loop running late must not time out on replies already read.
-            raw_c, raw_t = await self._client.execute_within(min(timeout_s, self.timeout_s), "MGET", *keys)
+            raw_c, raw_t = await self._client.execute("MGET", *keys, timeout_s=min(timeout_s, self.timeout_s))
         except RedisError as exc:
             self.breaker.failure()
             raise CacheUnavailable(type(exc).__name__) from exc
@@ -146,10 +144,10 @@ class EntityCache:
         if not queued:
             return
         try:
-            async with asyncio.timeout(self.timeout_s * 10):
-                # NX: never overwrite an entry a batch run (or a concurrent request) wrote.
-                replies = await self._client.execute_many(
-                    [("SET", key, entry.encode(), "EX", self.ttl_s, "NX") for key, entry in queued])
+            # NX: never overwrite an entry a batch run (or a concurrent request) wrote.
+            replies = await self._client.execute_many(
+                [("SET", key, entry.encode(), "EX", self.ttl_s, "NX") for key, entry in queued],
+                timeout_s=self.timeout_s * 10)
             errors = [r for r in replies if isinstance(r, RedisReplyError)]
             if errors:
                 raise errors[0]

@@ -8,8 +8,9 @@ bench/HISTORY.md). Only what the online cache needs is here: ``execute`` one com
 ``execute_many`` in a pipeline; AUTH and SELECT from the URL; TCP, TLS (``rediss://``) and
 Unix sockets. Anything else uses redis-py.
 
-Timeouts belong to the caller (``asyncio.timeout``): a reply whose waiter gave up is read and
-dropped, so the connection stays in step. A broken connection fails every waiter with
+Timeouts are ``timeout_s`` of ``execute`` / ``execute_many`` (they tolerate an event loop that
+runs late, see ``_call``) or the caller's ``asyncio.timeout``: a reply whose waiter gave up is
+read and dropped, so the connection stays in step. A broken connection fails every waiter with
 ``ConnectionError`` and the next command opens a new one. A connection whose oldest reply is
 overdue by ``stale_after_s`` (a hung server, a black-holed route) is dropped the same way by the
 next command, so that the circuit breaker's trial calls reach a fresh connection.
@@ -128,7 +129,7 @@ class PipelinedRedis:
         if self._db:
             hello.append(("SELECT", self._db))
         if hello:
-            replies = await self._send_many(hello)
+            replies = await self._enqueue(b"".join(pack(c) for c in hello), len(hello))
             for r in replies:
                 if isinstance(r, RedisReplyError):
                     self._broken(ConnectionError(f"Redis refused the connection set-up: {r}"))
@@ -185,29 +186,36 @@ class PipelinedRedis:
             return
         self._proto.transport.write(data)
 
-    async def _send_many(self, commands: Sequence[Sequence[Arg]]) -> list:
-        return await self._enqueue(b"".join(pack(c) for c in commands), len(commands))
-
-    async def execute(self, *args: Arg):  # type: ignore[no-untyped-def]
+    async def execute(self, *args: Arg, timeout_s: float | None = None):  # type: ignore[no-untyped-def]
         """One command's reply (bytes, int, list, None); a Redis error raises ``RedisReplyError``."""
-        if self._proto is None:
-            await self._ensure()
-        return await self._enqueue(pack(args), 0)
+        return await self._call(pack(args), 0, timeout_s)
 
-    async def execute_within(self, timeout_s: float, *args: Arg):  # type: ignore[no-untyped-def]
-        """``execute`` bounded by ``timeout_s``, but never timed out on a reply that is already here.
+    async def execute_many(self, commands: Sequence[Sequence[Arg]], timeout_s: float | None = None) -> list:
+        """Replies of a pipeline, in order; Redis errors come back as ``RedisReplyError`` values."""
+        if not commands:
+            return []
+        return await self._call(b"".join(pack(c) for c in commands), len(commands), timeout_s)
 
+    async def _call(self, data: bytes, n: int, timeout_s: float | None):  # type: ignore[no-untyped-def]
+        """Send ``data`` (n = 0: one command, else a pipeline of n) and wait for its reply.
+
+        ``timeout_s`` bounds the wait, but never times out on a reply that is already here.
         ``asyncio.timeout`` measures wall time: when the event loop runs late (busy with other
         requests), the timer and the reply are due in the same turn, and uvloop runs timers
-        before it reads sockets, so a reply Redis sent in 0.1 ms counts as a timeout. Here an
+        before it reads sockets, so a reply Redis sent in 0.1 ms would count as a timeout. Here an
         expired timer waits two more turns of the loop, one poll of the socket included, before
-        it gives up. A Redis that has not answered still fails within a turn of the deadline."""
+        it raises ``TimeoutError``. A Redis that has not answered still fails within a turn of
+        the deadline."""
+        if timeout_s is None:
+            if self._proto is None:
+                await self._ensure()
+            return await self._enqueue(data, n)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         if self._proto is None:
             async with asyncio.timeout_at(deadline):
                 await self._ensure()
-        fut = self._enqueue(pack(args), 0)
+        fut = self._enqueue(data, n)
         handles: list[asyncio.Handle] = []
 
         def expire(turns: int) -> None:
@@ -224,14 +232,6 @@ class PipelinedRedis:
         finally:
             for h in handles:
                 h.cancel()
-
-    async def execute_many(self, commands: Sequence[Sequence[Arg]]) -> list:
-        """Replies of a pipeline, in order; Redis errors come back as ``RedisReplyError`` values."""
-        if not commands:
-            return []
-        if self._proto is None:
-            await self._ensure()
-        return await self._send_many(commands)
 
     async def aclose(self) -> None:
         self._closed = True

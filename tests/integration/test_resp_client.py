@@ -84,23 +84,26 @@ def test_a_late_event_loop_does_not_time_out_on_a_reply_that_arrived(redis_url: 
         r = PipelinedRedis(redis_url)
         await r.execute("SET", "resp:late", "here")
         got = []
-        for _ in range(5):
-            task = asyncio.ensure_future(r.execute_within(0.005, "GET", "resp:late"))
+        for i in range(6):
+            if i < 5:
+                task = asyncio.ensure_future(r.execute("GET", "resp:late", timeout_s=0.005))
+            else:  # a pipeline too
+                task = asyncio.ensure_future(r.execute_many([("GET", "resp:late"), ("EXISTS", "resp:late")], timeout_s=0.005))
             await asyncio.sleep(0)  # the command is queued and its send scheduled
             await asyncio.sleep(0)  # sent
             time.sleep(0.03)  # the loop is busy elsewhere: Redis answers, the deadline passes
             got.append(await task)
         with pytest.raises(TimeoutError, match="within"):  # a reply that does not come still times out
-            await r.execute_within(0.02, "BLPOP", "resp:late-empty", "0.5")
+            await r.execute("BLPOP", "resp:late-empty", "0.5", timeout_s=0.02)
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
-            await r.execute_within(0.02, "BLPOP", "resp:late-empty", "0.5")
+            await r.execute("BLPOP", "resp:late-empty", "0.5", timeout_s=0.02)
         waited = time.monotonic() - t0
         await r.aclose()
         return got, waited
 
     got, waited = run_event_loop(run(), loop)
-    assert got == [b"here"] * 5
+    assert got == [b"here"] * 5 + [[b"here", 1]]
     assert waited < 0.3  # gave up near its deadline, not when Redis answered (0.5 s)
 
 
