@@ -13,10 +13,8 @@ server of this contract can answer faster than this one.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -41,6 +39,7 @@ async def _serve(listen: str) -> None:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     from scoring_service.protos import scoring_pb2_grpc
+    from scoring_service.server import until_signalled
 
     answer = _response()
 
@@ -56,11 +55,7 @@ async def _serve(listen: str) -> None:
     if server.add_insecure_port(listen) == 0:
         raise SystemExit(f"cannot listen on {listen}")
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     await server.stop(1)
 
 
@@ -118,17 +113,9 @@ def main(argv=None) -> int:
     procs = [ctx.Process(target=_worker, args=(args.listen,), name=f"ceiling-{i}") for i in range(args.workers)]
     for p in procs:
         p.start()
+    from scoring_service.cli import join_workers
 
-    def _forward(signum, _frame):
-        for p in procs:
-            if p.is_alive() and p.pid:
-                os.kill(p.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, _forward)
-    signal.signal(signal.SIGINT, _forward)
-    for p in procs:
-        p.join()
-    return 0 if all(p.exitcode == 0 for p in procs) else 1
+    return 0 if all(code == 0 for code in join_workers(procs)) else 1
 
 
 if __name__ == "__main__":

@@ -73,6 +73,21 @@ def _worker_main(settings_json: str, redis_url: str | None) -> None:
     run_event_loop(serve_forever(settings, redis_url), settings.event_loop)
 
 
+def join_workers(procs: list) -> list[int | None]:  # type: ignore[type-arg]
+    """Wait for started worker processes, passing SIGTERM/SIGINT on to them; their exit codes."""
+
+    def _forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+    for p in procs:
+        p.join()
+    return [p.exitcode for p in procs]
+
+
 def run_event_loop(coro, kind: str = "uvloop"):  # type: ignore[no-untyped-def]
     """Run ``coro`` to completion on a new event loop: uvloop, or the standard one."""
     if kind == "uvloop":
@@ -123,17 +138,7 @@ def serve(
         for p in procs:
             p.start()
         log.info("server.workers", count=len(procs), pids=[p.pid for p in procs])
-
-        def _forward(signum: int, _frame: object) -> None:
-            for p in procs:
-                if p.is_alive() and p.pid:
-                    os.kill(p.pid, signal.SIGTERM)
-
-        signal.signal(signal.SIGTERM, _forward)
-        signal.signal(signal.SIGINT, _forward)
-        for p in procs:
-            p.join()
-        codes = [p.exitcode for p in procs]
+        codes = join_workers(procs)
         if any(codes):
             raise _fail(f"worker exit codes {codes}", 1)
     finally:

@@ -273,9 +273,14 @@ async def serve_forever(settings: Settings, redis_url: str | None) -> None:
         start_http_server(settings.metrics_port, addr=settings.listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0")
     server = ScoringServer(settings, redis_url)
     await server.start()
+    await until_signalled()
+    await server.stop()
+
+
+async def until_signalled() -> None:
+    """Return once the process gets SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop()
