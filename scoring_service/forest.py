@@ -95,9 +95,10 @@ class Forest:
             mean.append(m)
             roots.append(offset)
             offset += n
-        if int(np.concatenate(feature).max()) > n_features:
+        features = np.concatenate(feature)
+        if int(features.max()) > n_features:
             return None
-        return cls(n_features, np.concatenate(feature), np.concatenate(threshold).astype(np.float32),
+        return cls(n_features, features, np.concatenate(threshold).astype(np.float32),
                    np.concatenate(left), np.concatenate(right), np.concatenate(default_left), np.concatenate(mean),
                    np.asarray(roots, dtype=np.int64), depth, math.log(base / (1.0 - base)))
 
