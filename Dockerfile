@@ -11,7 +11,6 @@ WORKDIR /src
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --no-install-project
 COPY scoring_service ./scoring_service
-COPY batch_jobs ./batch_jobs
 COPY protos ./protos
 COPY migrations ./migrations
 COPY alembic.ini ./

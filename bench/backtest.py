@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from batch_jobs.replay import _drive, summarise
-from scoring_service.features import load_payments
+from scoring_service.batch.replay import _drive, summarise
+from scoring_service.core.features import load_payments
 from tests.conftest import handbook_path
 from tests.servers.kafka import KafkaServer
 from tests.servers.redis import RedisServer

@@ -1,7 +1,7 @@
 """Cache refresh write rate: ``uv run python -m bench.cache_write [--keys 500000]``.
 
 Writes one generation's worth of entries (``SET key value EX ttl``, values of a real entry's
-size) into a real redis-server started here, with ``batch_jobs.cache_writer.write_items`` on 1
+size) into a real redis-server started here, with ``scoring_service.adapters.redis.cache_writer.write_items`` on 1
 and 4 connections, and with the reference: one redis-py pipeline (``transaction=False``,
 chunks of 1,000). Prints JSON (keys/s per variant and the ratio to the reference, measured in
 the same run: the machine is shared, compare ratios).
@@ -16,8 +16,8 @@ import time
 
 import redis
 
-from batch_jobs import cache_writer as cw
-from scoring_service.cache_layout import CacheEntry
+from scoring_service.adapters.redis import cache_writer as cw
+from scoring_service.core.cache_layout import CacheEntry
 from tests.servers.redis import RedisServer
 
 

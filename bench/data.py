@@ -2,7 +2,7 @@
 
 Three Score() mixes (``hits``, ``mixed`` = 90 % hits / 10 % unseen, ``unseen``) and the matching
 ModelInfer requests for the MLServer reference (the same payments' features, float32, from
-``scoring_service.features``). Unseen customers get ids ``unseen-<run>-<n>``, never repeated within
+``scoring_service.core.features``). Unseen customers get ids ``unseen-<run>-<n>``, never repeated within
 a run: our service writes an unseen customer back to the cache after scoring it, so a repeated id
 would become a hit.
 """
@@ -31,19 +31,19 @@ class Traffic:
 
 
 def load_traffic(path: Path | None = None) -> Traffic:
-    from scoring_service import features as F
+    from scoring_service.core import features as F
 
     path = path or HANDBOOK
     if path.is_file():
         payments = F.load_payments(path)
         source = str(path)
     else:  # no handbook file: the project's simulator, same columns
-        from scoring_service.simulator import simulate
+        from scoring_service.training.simulator import simulate
 
         log(f"no {path}: simulating payments")
         payments = F.normalise_handbook(simulate(n_customers=5000, n_terminals=10000, start_date="2018-04-01",
                                                  n_days=153, seed=11))
-        source = "scoring_service.simulator"
+        source = "scoring_service.training.simulator"
     day0 = pd.Timestamp(TRAFFIC_DAY)
     lo = payments["timestamp"].searchsorted(day0 - pd.Timedelta(days=40))
     window = payments.iloc[lo:].reset_index(drop=True)  # enough history for the 30 (+7) day windows

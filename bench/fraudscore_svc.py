@@ -52,8 +52,8 @@ class Environment:
                            capture_output=True, text=True, cwd=REPO)
         if r.returncode != 0:
             raise RuntimeError(f"fraudscore train failed: {r.stderr[-2000:]}")
-        from scoring_service.db import make_engine
-        from scoring_service.registry import Registry
+        from scoring_service.adapters.sql.db import make_engine
+        from scoring_service.adapters.sql.registry import Registry
 
         rec = Registry(make_engine(self.env["FRAUDSCORE_DATABASE_URL"])).active()
         if rec is None:
@@ -62,16 +62,16 @@ class Environment:
         log(f"fraudscore train: {rec.version} ({rec.framework}) in {time.monotonic() - t0:.0f}s -> {rec.artifact_path}")
 
     def fill_cache(self, payments, as_of, customers_of_interest) -> None:
-        """``batch_jobs.nightly.rebuild_cache`` (the nightly run on an in-memory frame, no Kafka)."""
+        """``scoring_service.batch.pipeline.rebuild_cache`` (the nightly run on an in-memory frame, no Kafka)."""
         from scoring_service.config import load_settings
 
         settings = load_settings(data_dir=Path(self.env["FRAUDSCORE_DATA_DIR"]),
                                  database_url=self.env["FRAUDSCORE_DATABASE_URL"], redis_url=self.redis.url)
         t0 = time.monotonic()
-        from batch_jobs.nightly import rebuild_cache  # raises ImportError until it exists
+        from scoring_service.batch.pipeline import rebuild_cache  # raises ImportError until it exists
 
         rebuild_cache(payments, as_of, settings, redis_url=self.redis.url)
-        self.cache_fill = "batch_jobs.nightly.rebuild_cache"
+        self.cache_fill = "scoring_service.batch.pipeline.rebuild_cache"
         log(f"cache filled by rebuild_cache in {time.monotonic() - t0:.0f}s")
         self.cached_customers = self._which_cached(customers_of_interest)
         log(f"{len(self.cached_customers)} of {len(set(customers_of_interest))} traffic customers cached")
@@ -79,7 +79,7 @@ class Environment:
     def _which_cached(self, customers) -> set[str]:
         import redis
 
-        from scoring_service.cache_layout import CUSTOMER, ONLINE_GENERATION, active_generation_key, entity_key
+        from scoring_service.core.cache_layout import CUSTOMER, ONLINE_GENERATION, active_generation_key, entity_key
 
         r = redis.Redis.from_url(self.redis.url)
         gen = (r.get(active_generation_key(self.model_version)) or ONLINE_GENERATION.encode()).decode()

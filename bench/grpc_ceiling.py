@@ -39,7 +39,7 @@ async def _serve(listen: str) -> None:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     from scoring_service.protos import scoring_pb2_grpc
-    from scoring_service.server import until_signalled
+    from scoring_service.online.server import until_signalled
 
     answer = _response()
 

@@ -2,7 +2,7 @@
 
 Preferred: the project's own ``fraudscore train --data HANDBOOK --activate`` output (the
 registry's active artifact). Until that exists, or with ``--throwaway-model``: a stand-in
-trained here on the same features (300 trees, depth 6, ``scoring_service.features``), saved as
+trained here on the same features (300 trees, depth 6, ``scoring_service.core.features``), saved as
 XGBoost JSON. Both are plain XGBoost boosters with ``binary:logistic``.
 """
 
@@ -21,7 +21,7 @@ def train_throwaway(traffic_all, out: Path | None = None, n_trees: int = 300, de
     import pandas as pd
     import xgboost as xgb
 
-    from scoring_service import features as F
+    from scoring_service.core import features as F
 
     out = out or CACHE_DIR / f"throwaway-{n_trees}x{depth}.model.json"
     if out.is_file():

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     model_threads: int = Field(1, ge=1, description="Threads per model call on the request path.")
     forest_max_rows: int = Field(
         128, ge=0, description="Path attribution for model calls up to this many rows runs in NumPy "
-        "(scoring_service/forest.py, ~3-7x cheaper than an XGBoost call on a few rows); 0: always XGBoost.",
+        "(scoring_service/adapters/model/forest.py, ~3-7x cheaper than an XGBoost call on a few rows); 0: always XGBoost.",
     )
     reasons: ReasonMethod = Field(
         ReasonMethod.EXACT_WHEN_FLAGGED,

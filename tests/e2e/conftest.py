@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from scoring_service.config import Settings
-from scoring_service.lifecycle import open_registry, train_and_register
-from scoring_service.registry import ModelRecord
+from scoring_service.training.lifecycle import open_registry, train_and_register
+from scoring_service.adapters.sql.registry import ModelRecord
 from tests.servers.redis import RedisServer
 from tests.servers.scorer import ScorerProcess
 
@@ -18,7 +18,7 @@ from tests.servers.scorer import ScorerProcess
 @pytest.fixture(scope="session")
 def model_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data folder whose SQLite registry holds one active model, trained on simulated payments."""
-    from scoring_service.simulator import simulate
+    from scoring_service.training.simulator import simulate
 
     data_dir = tmp_path_factory.mktemp("fs-e2e")
     settings = Settings(data_dir=data_dir)

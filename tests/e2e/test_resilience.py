@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from scoring_service.config import Settings
-from scoring_service.lifecycle import open_registry
+from scoring_service.training.lifecycle import open_registry
 from scoring_service.protos import scoring_pb2
 from tests.e2e.test_score_grpc import new_customer, request, score_until_cached
 from tests.servers.scorer import ScorerProcess

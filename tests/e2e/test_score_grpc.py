@@ -14,8 +14,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from scoring_service.cache_layout import CUSTOMER, CacheEntry, active_generation_key, entity_key
-from scoring_service.policy import Policy
+from scoring_service.core.cache_layout import CUSTOMER, CacheEntry, active_generation_key, entity_key
+from scoring_service.core.policy import Policy
 from scoring_service.protos import scoring_pb2
 from tests.servers.common import REPO_ROOT
 

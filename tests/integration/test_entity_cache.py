@@ -7,8 +7,8 @@ import time
 
 import redis
 
-from scoring_service.cache import CUSTOMER, TERMINAL, CacheEntry, CircuitBreaker, EntityCache
-from scoring_service.cache_layout import ONLINE_GENERATION, entity_key
+from scoring_service.adapters.redis.entity_cache import CUSTOMER, TERMINAL, CacheEntry, CircuitBreaker, EntityCache
+from scoring_service.core.cache_layout import ONLINE_GENERATION, entity_key
 
 VERSION = "xgb-test-cache"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from scoring_service.db import make_engine, upgrade_schema
-from scoring_service.registry import Registry, RegistryError
+from scoring_service.adapters.sql.db import make_engine, upgrade_schema
+from scoring_service.adapters.sql.registry import Registry, RegistryError
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

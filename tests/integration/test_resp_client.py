@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis
 
-from scoring_service.resp import PipelinedRedis, RedisReplyError, pack
+from scoring_service.adapters.redis.resp import PipelinedRedis, RedisReplyError, pack
 from tests.servers.redis import RedisServer
 
 

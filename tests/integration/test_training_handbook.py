@@ -17,9 +17,9 @@ import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from scoring_service import features as F  # noqa: E402
-from scoring_service.model import GbdtModel, sha256_file  # noqa: E402
-from scoring_service.training import train_handbook, train_on_payments  # noqa: E402
+from scoring_service.core import features as F  # noqa: E402
+from scoring_service.adapters.model.gbdt import GbdtModel, sha256_file  # noqa: E402
+from scoring_service.training.train import train_handbook, train_on_payments  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_HANDBOOK = REPO.parent / "shared" / "data" / "handbook" / "transactions-2018-04-01_2018-08-31.parquet"
@@ -36,7 +36,7 @@ def test_beats_handbook_xgboost(tmp_path):
         msg = f"handbook file {path} not found (set FRAUDSCORE_HANDBOOK): training on SIMULATED payments instead"
         warnings.warn(msg, stacklevel=1)
         print(msg)
-        from scoring_service.simulator import simulate
+        from scoring_service.training.simulator import simulate
 
         payments = F.normalise_handbook(simulate(3000, 6000, "2018-04-01", 60, seed=0))
         res = train_on_payments(payments, tmp_path)
@@ -77,7 +77,7 @@ def test_protocol_reproduces_handbook_xgboost():
     path = handbook_path()
     if not path.is_file():
         pytest.skip(f"handbook file {path} not found (set FRAUDSCORE_HANDBOOK): the published figures need it")
-    from scoring_service.evaluation import handbook_xgboost_baseline
+    from scoring_service.training.evaluation import handbook_xgboost_baseline
 
     payments = F.load_payments(path)
     feats = F.payments_features(payments)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from batch_jobs import cache_writer as cw
-from scoring_service.cache_layout import CacheEntry, active_generation_key, entity_key
+from scoring_service.adapters.redis import cache_writer as cw
+from scoring_service.core.cache_layout import CacheEntry, active_generation_key, entity_key
 
 
 def _entries(n: int, gen: str) -> dict[str, CacheEntry]:

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scoring_service import features as F
-from scoring_service.entity_scoring import build_entries
+from scoring_service.core import features as F
+from scoring_service.core.entity_scoring import build_entries
 
 AMOUNT = F.FEATURE_NAMES.index("amount")
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batch_jobs import events as ev
+from scoring_service.batch import events as ev
 from scoring_service.protos import events_pb2
 
 NOW = 1_800_000_000.0

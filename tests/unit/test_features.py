@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scoring_service import features as F
-from scoring_service.simulator import simulate
+from scoring_service.core import features as F
+from scoring_service.training.simulator import simulate
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_HANDBOOK = REPO.parent / "shared" / "data" / "handbook" / "transactions-2018-04-01_2018-08-31.parquet"

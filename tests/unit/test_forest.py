@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from scoring_service import features as F
-from scoring_service.forest import Forest
-from scoring_service.model import GbdtModel
-from scoring_service.simulator import simulate
+from scoring_service.core import features as F
+from scoring_service.adapters.model.forest import Forest
+from scoring_service.adapters.model.gbdt import GbdtModel
+from scoring_service.training.simulator import simulate
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scoring_service import features as F
-from scoring_service.model import GbdtModel, ModelError, choose_device, sha256_file
-from scoring_service.simulator import simulate
+from scoring_service.core import features as F
+from scoring_service.adapters.model.gbdt import GbdtModel, ModelError, choose_device, sha256_file
+from scoring_service.training.simulator import simulate
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_explain(fw, data, xgb_path, lgb_path):
 
 
 def test_train_on_simulated_payments_is_deterministic_and_loads(tmp_path):
-    from scoring_service.training import choose_thresholds, train_on_payments
+    from scoring_service.training.train import choose_thresholds, train_on_payments
 
     p = F.normalise_handbook(simulate(700, 1400, "2018-04-01", 30, seed=11))
     r1 = train_on_payments(p, tmp_path / "a", rounds=25)
@@ -131,7 +131,7 @@ def test_train_on_simulated_payments_is_deterministic_and_loads(tmp_path):
 
 
 def test_train_lightgbm(tmp_path):
-    from scoring_service.training import train_on_payments
+    from scoring_service.training.train import train_on_payments
 
     p = F.normalise_handbook(simulate(500, 1000, "2018-04-01", 12, seed=12))
     r = train_on_payments(p, tmp_path, framework="lightgbm", rounds=20)

@@ -1,4 +1,4 @@
-from scoring_service.policy import APPROVE, DECLINE, REVIEW, Policy, combine_entities
+from scoring_service.core.policy import APPROVE, DECLINE, REVIEW, Policy, combine_entities
 
 P = Policy(review=0.3, decline=0.7, high_amount=220.0, amount_ratio_review=3.0, amount_ratio_decline=5.0)
 USUAL = {"avg_amount_30d": 20.0, "nb_tx_30d": 10.0}

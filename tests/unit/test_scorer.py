@@ -9,14 +9,14 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from scoring_service import features
-from scoring_service.batcher import MicroBatcher
-from scoring_service.cache import CacheUnavailable
-from scoring_service.cache_layout import CacheEntry
+from scoring_service.core import features
+from scoring_service.online.batcher import MicroBatcher
+from scoring_service.adapters.redis.entity_cache import CacheUnavailable
+from scoring_service.core.cache_layout import CacheEntry
 from scoring_service.config import ScoringMode, Settings
-from scoring_service.policy import Policy
-from scoring_service.scorer import CACHE, FALLBACK, MODEL, Scorer, ServingModel
-from scoring_service.validation import Payment
+from scoring_service.core.policy import Policy
+from scoring_service.online.scorer import CACHE, FALLBACK, MODEL, Scorer, ServingModel
+from scoring_service.core.validation import Payment
 
 POLICY = Policy(review=0.3, decline=0.7, high_amount=220.0, amount_ratio_review=3.0, amount_ratio_decline=5.0)
 PAYMENT = Payment("t1", "c1", "m1", 30.0, "EUR", time.time())

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scoring_service.simulator import COLUMNS, simulate
+from scoring_service.training.simulator import COLUMNS, simulate
 
 
 @pytest.fixture(scope="module")

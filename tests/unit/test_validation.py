@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scoring_service.validation import MAX_ID_LEN, ValidationError, validate_payment
+from scoring_service.core.validation import MAX_ID_LEN, ValidationError, validate_payment
 
 NOW = 1_790_000_000.0
 

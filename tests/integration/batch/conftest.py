@@ -32,13 +32,13 @@ def kafka_bootstrap() -> Iterator[str]:
 def handbook_slice() -> pd.DataFrame:
     import pyarrow.parquet as pq
 
-    from scoring_service.features import normalise_handbook
+    from scoring_service.core.features import normalise_handbook
 
     path = handbook_path()
     if path is None:  # a clone without ../shared: simulated payments in the handbook's format
         import warnings
 
-        from scoring_service.simulator import simulate
+        from scoring_service.training.simulator import simulate
 
         warnings.warn("handbook parquet not found (FRAUDSCORE_HANDBOOK): batch tests use simulated payments")
         raw = simulate(n_customers=MAX_CUSTOMER, n_terminals=2000, start_date="2018-04-01", n_days=137, seed=5)
@@ -54,7 +54,7 @@ def generation_contents(r, model: str, gen: str) -> dict[str, dict]:  # type: ig
     """Every entry of one cache generation, keyed by ``kind:id``, without the generation field."""
     import json
 
-    from scoring_service.cache_layout import generation_pattern
+    from scoring_service.core.cache_layout import generation_pattern
 
     out = {}
     for k in r.scan_iter(match=generation_pattern(model, gen), count=5000):
@@ -68,7 +68,7 @@ def generation_contents(r, model: str, gen: str) -> dict[str, dict]:  # type: ig
 def batch_env(tmp_path_factory: pytest.TempPathFactory, handbook_slice: pd.DataFrame) -> dict[str, str]:
     """A data dir (SQLite registry) with a small trained model active; env for CLI subprocesses."""
     from scoring_service.config import Settings
-    from scoring_service.lifecycle import open_registry, train_and_register
+    from scoring_service.training.lifecycle import open_registry, train_and_register
 
     data_dir = tmp_path_factory.mktemp("batch-data")
     settings = Settings(data_dir=data_dir)
@@ -80,7 +80,7 @@ def batch_env(tmp_path_factory: pytest.TempPathFactory, handbook_slice: pd.DataF
 @pytest.fixture(scope="session")
 def published(kafka_bootstrap: str, handbook_slice: pd.DataFrame) -> str:
     """The slice published once under its own topic prefix; returns the prefix."""
-    from batch_jobs import kafka_io
+    from scoring_service.adapters.kafka import kafka_io
 
     prefix = f"fs-it-{uuid.uuid4().hex[:6]}"
     kafka_io.publish_frame(kafka_bootstrap, f"{prefix}.payments", f"{prefix}.labels", handbook_slice)

@@ -15,10 +15,12 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from batch_jobs import cache_writer, kafka_io
-from batch_jobs.nightly import run_nightly
-from scoring_service.cache_layout import CacheEntry, active_generation_key, entity_key, generation_pattern
-from scoring_service.db import BatchOffset, BatchRun, make_engine
+from scoring_service.adapters.kafka import kafka_io
+
+from scoring_service.adapters.redis import cache_writer
+from scoring_service.batch.pipeline import run_nightly
+from scoring_service.core.cache_layout import CacheEntry, active_generation_key, entity_key, generation_pattern
+from scoring_service.adapters.sql.db import BatchOffset, BatchRun, make_engine
 from scoring_service.protos import events_pb2
 from tests.integration.batch.conftest import AS_OF, generation_contents, cli_env, settings_for
 from tests.servers.common import REPO_ROOT

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import redis
 
-from batch_jobs import kafka_io
-from batch_jobs.nightly import BatchError, rebuild_cache, run_nightly
-from batch_jobs.replay import card_precision_per_day, parse_bound, replay_cache, summarise
-from scoring_service.cache_layout import active_generation_key
+from scoring_service.adapters.kafka import kafka_io
+from scoring_service.batch.pipeline import BatchError, rebuild_cache, run_nightly
+from scoring_service.batch.replay import card_precision_per_day, parse_bound, replay_cache, summarise
+from scoring_service.core.cache_layout import active_generation_key
 from tests.integration.batch.conftest import AS_OF, generation_contents, settings_for
 
 pytestmark = pytest.mark.integration

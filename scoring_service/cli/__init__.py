@@ -50,7 +50,7 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def _registry(settings: Settings):  # type: ignore[no-untyped-def]
-    from scoring_service.lifecycle import open_registry
+    from scoring_service.training.lifecycle import open_registry
 
     return open_registry(settings)
 
@@ -68,7 +68,7 @@ def _worker_settings(settings: Settings, index: int) -> Settings:
 def _worker_main(settings_json: str, redis_url: str | None) -> None:
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.log_format, settings.log_level)
-    from scoring_service.server import serve_forever
+    from scoring_service.online.server import serve_forever
 
     run_event_loop(serve_forever(settings, redis_url), settings.event_loop)
 
@@ -109,23 +109,23 @@ def serve(
     """Run the gRPC scoring service (embedded defaults: SQLite, in-process valkey, a demo model)."""
     settings = _settings(listen=listen, workers=workers, mode=mode, device=device, budget_ms=budget_ms, data_dir=data_dir)
     log = get_logger("fraudscore.serve")
-    from scoring_service.model import choose_device
+    from scoring_service.adapters.model.gbdt import choose_device
 
     log.info("model.device", requested=settings.device, chosen=choose_device(settings.device))
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
-        from scoring_service.embedded import EmbeddedRedis
+        from scoring_service.adapters.redis.embedded import EmbeddedRedis
 
         embedded = EmbeddedRedis(settings)
         redis_url = embedded.start()
         log.info("redis.embedded_started", url=redis_url, note="set REDIS_URL to use your own Redis")
     try:
-        from scoring_service.lifecycle import ensure_model
+        from scoring_service.training.lifecycle import ensure_model
 
         ensure_model(settings)
         if settings.workers == 1:
-            from scoring_service.server import serve_forever
+            from scoring_service.online.server import serve_forever
 
             run_event_loop(serve_forever(settings, redis_url), settings.event_loop)
             return
@@ -165,11 +165,11 @@ def train(
     if data is not None and not data.is_file():
         raise _fail(f"no such file: {data}")
     registry = _registry(settings)
-    from scoring_service.lifecycle import DEMO_SIMULATION, train_and_register
+    from scoring_service.training.lifecycle import DEMO_SIMULATION, train_and_register
 
     payments = None
     if simulated:
-        from scoring_service.simulator import simulate
+        from scoring_service.training.simulator import simulate
 
         payments = simulate(**DEMO_SIMULATION)
     started = time.monotonic()
@@ -213,8 +213,8 @@ def model_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
 
 
 def _registry_call(fn_name: str, version: str) -> None:
-    from scoring_service.model import GbdtModel, ModelError
-    from scoring_service.registry import RegistryError
+    from scoring_service.adapters.model.gbdt import GbdtModel, ModelError
+    from scoring_service.adapters.sql.registry import RegistryError
 
     settings = _settings()
     registry = _registry(settings)
@@ -259,7 +259,7 @@ def model_retire(version: str) -> None:
 def db_upgrade() -> None:
     """Apply the Alembic migrations (creates the schema on a new database)."""
     settings = _settings()
-    from scoring_service.db import upgrade_schema
+    from scoring_service.adapters.sql.db import upgrade_schema
 
     upgrade_schema(settings.resolved_database_url())
     console.print("database at the newest migration")
@@ -333,9 +333,9 @@ def health(
 
 
 try:  # the batch jobs add `nightly`, `replay` and `events`
-    from batch_jobs.cli import register as _register_batch
+    from scoring_service.cli.batch import register as _register_batch
 except ImportError as _exc:  # pragma: no cover - only while batch_jobs is incomplete
-    if "batch_jobs.cli" not in str(_exc):
+    if "scoring_service.cli.batch" not in str(_exc):
         raise
 else:
     _register_batch(app)

@@ -1,6 +1,6 @@
 """Bulk writes of one cache generation, and the atomic switch to it.
 
-Keys follow ``scoring_service.cache_layout``. A generation is written in chunks of pipelined
+Keys follow ``scoring_service.core.cache_layout``. A generation is written in chunks of pipelined
 ``SET key value EX ttl`` commands, encoded to RESP here (redis-py's per-command packing is the
 bottleneck at these rates) and sent over several connections from a thread pool; every reply is
 checked. Only when every key of the generation is acknowledged does :func:`switch_generation`
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import redis
 
-from scoring_service.cache_layout import (
+from scoring_service.core.cache_layout import (
     CUSTOMER,
     TERMINAL,
     CacheEntry,

@@ -37,7 +37,7 @@ def _settings(**overrides: Any):  # type: ignore[no-untyped-def]
 def _time(value: str | None, name: str) -> float | None:
     if value is None:
         return None
-    from scoring_service.features import epoch_seconds
+    from scoring_service.core.features import epoch_seconds
 
     try:
         return epoch_seconds(value)
@@ -65,10 +65,10 @@ def _print_result(result: Any, as_json: bool) -> None:
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Expected failures -> a message and exit 2 (1 for Kafka/Redis unavailable); no traceback."""
-    from batch_jobs.cache_writer import CacheWriteError
-    from batch_jobs.events import EventError
-    from batch_jobs.kafka_io import KafkaUnavailable
-    from batch_jobs.nightly import BatchError
+    from scoring_service.adapters.redis.cache_writer import CacheWriteError
+    from scoring_service.batch.events import EventError
+    from scoring_service.adapters.kafka.kafka_io import KafkaUnavailable
+    from scoring_service.batch.pipeline import BatchError
 
     try:
         return fn(*args, **kwargs)
@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON.")] = False,
     ) -> None:
         """Rebuild the entity cache from the feature window's events; switch to it atomically."""
-        from batch_jobs.nightly import run_nightly
+        from scoring_service.batch.pipeline import run_nightly
 
         settings = _settings(kafka_bootstrap=kafka, redis_url=redis_url)
         result = _run(run_nightly, settings, as_of=_time(as_of, "--as-of"), group_id=group_id, workers=workers,
@@ -121,7 +121,7 @@ def register(app: typer.Typer) -> None:
         output: Annotated[Path | None, typer.Option(help="Also write the JSON report here.")] = None,
     ) -> None:
         """Rebuild the cache for a past window, or replay its payments through the service."""
-        from batch_jobs import replay as rp
+        from scoring_service.batch import replay as rp
 
         settings = _settings(kafka_bootstrap=kafka, redis_url=redis_url)
         if through_service:
@@ -151,9 +151,9 @@ def register(app: typer.Typer) -> None:
         kafka: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
     ) -> None:
         """Publish payments (their own times) and labels (payment time + delay) to Kafka."""
-        from batch_jobs import events as ev
-        from batch_jobs import kafka_io
-        from batch_jobs.progress import Progress
+        from scoring_service.batch import events as ev
+        from scoring_service.adapters.kafka import kafka_io
+        from scoring_service.batch.progress import Progress
 
         settings = _settings(kafka_bootstrap=kafka, kafka_topic_prefix=topic_prefix)
         if not settings.kafka_bootstrap:

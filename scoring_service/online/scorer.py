@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scoring_service import features
-from scoring_service.batcher import MicroBatcher, Overloaded
-from scoring_service.cache import CUSTOMER, CacheEntry, CacheUnavailable, EntityCache
+from scoring_service.core import features
+from scoring_service.online.batcher import MicroBatcher, Overloaded
+from scoring_service.adapters.redis.entity_cache import CUSTOMER, CacheEntry, CacheUnavailable, EntityCache
 from scoring_service.config import ReasonMethod, ScoringMode, Settings
 from scoring_service.logging import get_logger
-from scoring_service.model import GbdtModel
-from scoring_service.policy import Policy, Reason, combine_entities
-from scoring_service.registry import ModelRecord
-from scoring_service.validation import Payment
+from scoring_service.adapters.model.gbdt import GbdtModel
+from scoring_service.core.policy import Policy, Reason, combine_entities
+from scoring_service.adapters.sql.registry import ModelRecord
+from scoring_service.core.validation import Payment
 
 log = get_logger(__name__)
 

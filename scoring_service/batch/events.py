@@ -7,7 +7,7 @@ Messages on Kafka (``protos/fraudscore/v1/events.proto``):
   reached the bank (payment time + the label delay).
 * ``<prefix>.dead-letter``: ``DeadLetter`` (original key/value bytes and the reason).
 
-Validation applies the online service's rules (``scoring_service.validation``): ids non-empty,
+Validation applies the online service's rules (``scoring_service.core.validation``): ids non-empty,
 at most 128 characters, printable without surrounding spaces; amount finite and >= 0 (0 is a card
 verification); timestamp after 2000-01-01 and at most a day ahead of now. It is vectorised: a
 nightly run validates millions of events.
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scoring_service.features import epoch_seconds
+from scoring_service.core.features import epoch_seconds
 from scoring_service.protos import events_pb2
-from scoring_service.validation import MAX_CLOCK_SKEW_S, MAX_ID_LEN, MIN_TIMESTAMP
+from scoring_service.core.validation import MAX_CLOCK_SKEW_S, MAX_ID_LEN, MIN_TIMESTAMP
 
 DAY_S = 86400.0
 PAYMENT_COLUMNS = ["transaction_id", "customer_id", "terminal_id", "amount", "timestamp"]
@@ -292,7 +292,7 @@ def sort_payments(payments: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------ file source
 def read_payments_file(path: str | Path) -> pd.DataFrame:
     """A parquet file of handbook columns or of the normalised frame -> normalised frame."""
-    from scoring_service import features
+    from scoring_service.core import features
 
     df = pd.read_parquet(Path(path))
     if "TRANSACTION_ID" in df.columns:

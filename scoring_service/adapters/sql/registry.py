@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from scoring_service.db import AuditEvent, ModelVersion, utcnow
+from scoring_service.adapters.sql.db import AuditEvent, ModelVersion, utcnow
 
 STATUSES = ("active", "shadow", "retired")
 

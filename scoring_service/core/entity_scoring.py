@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scoring_service import features
-from scoring_service.cache_layout import CacheEntry
+from scoring_service.core import features
+from scoring_service.core.cache_layout import CacheEntry
 
 
 def _predict(model: Any, X: np.ndarray, batch_size: int) -> np.ndarray:

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from batch_jobs import events as ev
-from batch_jobs.nightly import BatchError, BatchResult, run_batch
+from scoring_service.batch import events as ev
+from scoring_service.batch.pipeline import BatchError, BatchResult, run_batch
 from scoring_service.config import Settings
-from scoring_service.evaluation import average_precision, card_precision_at_k, card_precision_per_day
-from scoring_service.features import LABEL_DELAY_DAYS, epoch_seconds
+from scoring_service.core.metrics import average_precision, card_precision_at_k, card_precision_per_day
+from scoring_service.core.features import LABEL_DELAY_DAYS, epoch_seconds
 from scoring_service.logging import get_logger
 
 log = get_logger(__name__)
@@ -42,7 +42,7 @@ def parse_bound(spec: str | None) -> Bound:
     """A time (ISO 8601 / date / epoch seconds) or ``p:o[,p:o...]``."""
     if spec is None or spec == "":
         return Bound()
-    from batch_jobs.kafka_io import parse_offset_spec
+    from scoring_service.adapters.kafka.kafka_io import parse_offset_spec
 
     parts = [s.strip() for s in spec.split(",") if s.strip()]
     parsed = [parse_offset_spec(p) for p in parts]
@@ -90,7 +90,7 @@ def replay_cache(settings: Settings, frm: str | None, to: str | None, *, group_i
     if b.time is not None:
         as_of = b.time
     elif b.offsets:
-        from batch_jobs import kafka_io
+        from scoring_service.adapters.kafka import kafka_io
 
         try:
             kafka_io.check_reachable(settings.kafka_bootstrap or "")
@@ -209,7 +209,7 @@ def replay_through_service(settings: Settings, address: str, frm: str | None, to
                            limit: int | None = None, timeout_s: float = 2.0, show_progress: bool | None = None
                            ) -> dict[str, Any]:
     """Send the window's payments to ``address`` as Score() calls; the served metrics."""
-    from batch_jobs.progress import Progress
+    from scoring_service.batch.progress import Progress
 
     a, b = parse_bound(frm), parse_bound(to)
     if a.offsets or b.offsets:
@@ -219,8 +219,8 @@ def replay_through_service(settings: Settings, address: str, frm: str | None, to
     # labels: every label of the window, whenever it arrived (we judge the answers afterwards)
     label_horizon = end + (LABEL_DELAY_DAYS + 1) * 86400.0
     if settings.kafka_bootstrap:
-        from batch_jobs import kafka_io
-        from batch_jobs.nightly import consume_kafka
+        from scoring_service.adapters.kafka import kafka_io
+        from scoring_service.batch.pipeline import consume_kafka
 
         try:
             kafka_io.check_reachable(settings.kafka_bootstrap)

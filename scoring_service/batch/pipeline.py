@@ -48,11 +48,11 @@ from typing import Any
 import pandas as pd
 from sqlalchemy.orm import Session
 
-from batch_jobs import events as ev
-from batch_jobs.progress import Progress
+from scoring_service.batch import events as ev
+from scoring_service.batch.progress import Progress
 from scoring_service.config import Settings
-from scoring_service.db import BatchOffset, BatchRun, make_engine, upgrade_schema
-from scoring_service.features import LABEL_DELAY_DAYS, epoch_seconds
+from scoring_service.adapters.sql.db import BatchOffset, BatchRun, make_engine, upgrade_schema
+from scoring_service.core.features import LABEL_DELAY_DAYS, epoch_seconds
 from scoring_service.logging import get_logger
 
 log = get_logger(__name__)
@@ -142,7 +142,7 @@ class Consumed:
 def _consume_share(bootstrap: str, pay_ranges: list, lab_ranges: list, group_id: str, dl_topic: str,
                    job: str, start: float, end: float, worker: int, show: bool) -> dict[str, Any]:
     """One worker's share: read, decode, validate, dead-letter (runs in a child process or inline)."""
-    from batch_jobs import kafka_io
+    from scoring_service.adapters.kafka import kafka_io
 
     started = time.perf_counter()
     prog = Progress(job, enabled=show)
@@ -198,7 +198,7 @@ def split_partitions(partitions: list[int], workers: int) -> list[list[int]]:
 
 def consume_kafka(settings: Settings, pay_ranges: list, lab_ranges: list, *, group_id: str, workers: int,
                   job: str, start: float, end: float, show_progress: bool | None) -> Consumed:
-    from batch_jobs import kafka_io
+    from scoring_service.adapters.kafka import kafka_io
 
     bootstrap = settings.kafka_bootstrap or ""
     kafka_io.ensure_topics(bootstrap, [settings.topic("dead-letter")],
@@ -245,14 +245,14 @@ def consume_kafka(settings: Settings, pay_ranges: list, lab_ranges: list, *, gro
 
 # ------------------------------------------------------------------------------------ the run
 def _load_model(settings: Settings) -> tuple[Any, Any]:
-    from scoring_service.registry import Registry
+    from scoring_service.adapters.sql.registry import Registry
 
     engine = make_engine(settings.resolved_database_url())
     upgrade_schema(settings.resolved_database_url())
     record = Registry(engine).active()
     if record is None:
         raise BatchError("no active model in the registry: train one first (`fraudscore train`)")
-    from scoring_service.model import GbdtModel, ModelError
+    from scoring_service.adapters.model.gbdt import GbdtModel, ModelError
 
     try:
         model = GbdtModel.load(record.artifact_path, record.framework, record.feature_names,
@@ -265,7 +265,7 @@ def _load_model(settings: Settings) -> tuple[Any, Any]:
 def _redis_url(settings: Settings, redis_url: str | None) -> str:
     if redis_url:
         return redis_url
-    from scoring_service.embedded import NoRedisError, resolve_redis_url
+    from scoring_service.adapters.redis.embedded import NoRedisError, resolve_redis_url
 
     try:
         return resolve_redis_url(settings)
@@ -296,7 +296,7 @@ def run_batch(
     ``settings.kafka_bootstrap`` is set, else the local file ``source``. ``offsets_from`` /
     ``offsets_to`` (partition -> offset, Kafka only) override the time-resolved window ends.
     """
-    from batch_jobs import cache_writer
+    from scoring_service.adapters.redis import cache_writer
 
     t_run = time.perf_counter()
     as_of = time.time() if as_of is None else float(as_of)
@@ -311,7 +311,7 @@ def run_batch(
             raise BatchError("no event source: set KAFKA_BOOTSTRAP_SERVERS, or pass --source FILE "
                              "(or FRAUDSCORE_EVENTS_FILE) to read events from a parquet file")
     if use_kafka:  # fail fast, before anything is recorded or written
-        from batch_jobs import kafka_io
+        from scoring_service.adapters.kafka import kafka_io
 
         try:
             kafka_io.check_reachable(settings.kafka_bootstrap or "")
@@ -334,7 +334,7 @@ def run_batch(
             t = time.perf_counter()
             offsets: list[tuple[str, int, int, int]] = []
             if use_kafka:
-                from batch_jobs import kafka_io
+                from scoring_service.adapters.kafka import kafka_io
 
                 bootstrap = settings.kafka_bootstrap or ""
                 try:
@@ -368,7 +368,7 @@ def run_batch(
             recorder.update(run_id, events_consumed=events_consumed, dead_letters=dead_letters)
 
             # ---- features, score, explain
-            from scoring_service.entity_scoring import build_entries
+            from scoring_service.core.entity_scoring import build_entries
 
             timings: dict[str, float] = {}
             with prog.phase("score", None):
@@ -404,7 +404,7 @@ def run_batch(
             pass
         if isinstance(exc, (BatchError, KeyboardInterrupt, SystemExit)):
             raise
-        from batch_jobs.cache_writer import CacheWriteError
+        from scoring_service.adapters.redis.cache_writer import CacheWriteError
 
         if isinstance(exc, CacheWriteError):
             raise BatchError(f"cache write failed, generation not switched: {exc}") from None

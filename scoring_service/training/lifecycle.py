@@ -9,9 +9,9 @@ from typing import Any
 import pandas as pd
 
 from scoring_service.config import Settings
-from scoring_service.db import make_engine, upgrade_schema
+from scoring_service.adapters.sql.db import make_engine, upgrade_schema
 from scoring_service.logging import get_logger
-from scoring_service.registry import ModelRecord, Registry
+from scoring_service.adapters.sql.registry import ModelRecord, Registry
 
 log = get_logger(__name__)
 
@@ -36,8 +36,8 @@ def train_and_register(
     payments: pd.DataFrame | None = None,
 ) -> tuple[ModelRecord, Any]:
     """Train on the handbook protocol (``data``) or on a payments frame, and register the result."""
-    from scoring_service import training
-    from scoring_service.model import sha256_file
+    from scoring_service.training.train import train as training
+    from scoring_service.adapters.model.gbdt import sha256_file
 
     version = registry.next_version("xgb" if framework == "xgboost" else "lgbm")
     out_dir = settings.models_dir / version
@@ -45,7 +45,7 @@ def train_and_register(
         result = training.train_handbook(data, out_dir, framework=framework)
     elif payments is not None:
         if "timestamp" not in payments.columns:  # handbook / simulator columns
-            from scoring_service.features import normalise_handbook
+            from scoring_service.core.features import normalise_handbook
 
             payments = normalise_handbook(payments)
         result = training.train_on_payments(payments, out_dir, framework=framework)
@@ -73,7 +73,7 @@ def ensure_model(settings: Settings) -> ModelRecord:
     active = registry.active()
     if active is not None:
         return active
-    from scoring_service.simulator import simulate
+    from scoring_service.training.simulator import simulate
 
     log.info("model.demo_training", reason="no active model in the registry", **DEMO_SIMULATION)
     started = time.monotonic()

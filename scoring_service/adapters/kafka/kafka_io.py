@@ -287,7 +287,7 @@ class DeadLetterProducer:
         self.sent = 0
 
     def send(self, rejected: Iterable[object]) -> int:
-        from batch_jobs.events import dead_letter_value
+        from scoring_service.batch.events import dead_letter_value
 
         now = time.time()
         n = 0
@@ -335,7 +335,7 @@ def publish_frame(bootstrap: str, payments_topic: str, labels_topic: str, paymen
                   progress: Callable[[int], None] | None = None) -> PublishStats:
     """Publish a normalised payments frame: payments stamped with their own time, then labels
     stamped payment time + delay (those that would be in the future are skipped and counted)."""
-    from batch_jobs import events as ev
+    from scoring_service.batch import events as ev
 
     check_reachable(bootstrap)
     ensure_topics(bootstrap, [payments_topic, labels_topic], partitions=partitions)

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import evaluation as ev
-from .features import FEATURE_NAMES, LABEL_DELAY_DAYS, load_payments, payments_features, payments_features_cold_customer
+from scoring_service.training import evaluation as ev
+from scoring_service.core.features import FEATURE_NAMES, LABEL_DELAY_DAYS, load_payments, payments_features, payments_features_cold_customer
 
 SEED = 0
 # share of the training payments added a second time with the features of an unseen customer
@@ -316,7 +316,7 @@ def train_on_payments(
                    rounds, metrics, win, win, {"holdout": "20% of cards"})
 
 
-if __name__ == "__main__":  # python -m scoring_service.training PARQUET OUT_DIR [framework]
+if __name__ == "__main__":  # python -m scoring_service.training.train PARQUET OUT_DIR [framework]
     import sys
     import time
 

@@ -96,7 +96,7 @@ class GbdtModel:
         self._forest = None
         self.forest_max_rows = 0
         if framework == "xgboost" and forest_max_rows > 0:
-            from scoring_service.forest import Forest
+            from scoring_service.adapters.model.forest import Forest
 
             self._forest = Forest.from_xgboost(booster)
             if self._forest is not None and self._forest.n_features == len(self.feature_names):

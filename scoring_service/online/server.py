@@ -22,15 +22,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
-from scoring_service.cache import CircuitBreaker, EntityCache
+from scoring_service.adapters.redis.entity_cache import CircuitBreaker, EntityCache
 from scoring_service.config import Settings
-from scoring_service.db import make_engine
+from scoring_service.adapters.sql.db import make_engine
 from scoring_service.logging import get_logger, hash_id
-from scoring_service.model import ModelError
+from scoring_service.adapters.model.gbdt import ModelError
 from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
-from scoring_service.registry import Registry
-from scoring_service.scorer import Scorer, ScoreResult, ServingModel
-from scoring_service.validation import Payment, ValidationError, validate_payment
+from scoring_service.adapters.sql.registry import Registry
+from scoring_service.online.scorer import Scorer, ScoreResult, ServingModel
+from scoring_service.core.validation import Payment, ValidationError, validate_payment
 
 log = get_logger(__name__)
 

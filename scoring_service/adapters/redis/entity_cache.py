@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from scoring_service.cache_layout import (
+from scoring_service.core.cache_layout import (
     CUSTOMER,
     ONLINE_GENERATION,
     TERMINAL,
@@ -20,7 +20,7 @@ from scoring_service.cache_layout import (
     entity_key,
 )
 from scoring_service.logging import get_logger
-from scoring_service.resp import PipelinedRedis, RedisReplyError
+from scoring_service.adapters.redis.resp import PipelinedRedis, RedisReplyError
 
 RedisError = (RedisReplyError, OSError, TimeoutError)  # ConnectionError is an OSError
 
@@ -74,7 +74,7 @@ class CacheUnavailable(Exception):
 
 class EntityCache:
     def __init__(self, url: str, *, timeout_s: float, ttl_s: int, breaker: CircuitBreaker) -> None:
-        # One pipelined connection for every request of this process (scoring_service/resp.py).
+        # One pipelined connection for every request of this process (scoring_service/adapters/redis/resp.py).
         self._client = PipelinedRedis(url, connect_timeout_s=max(timeout_s, 0.5), stale_after_s=max(1.0, 20 * timeout_s))
         self.timeout_s = timeout_s
         self.ttl_s = ttl_s

@@ -1,0 +1,3 @@
+from scoring_service.cli import main
+
+main()
