@@ -2,7 +2,7 @@
 
 For a point in time ``as_of`` and the payments known then (timestamps <= ``as_of``; labels only
 where they had arrived), every *entity* - customer (card) and terminal - that is active in the
-feature window gets one :class:`~scoring_service.cache_layout.CacheEntry`:
+feature window gets one :class:`~scoring_service.core.cache_layout.CacheEntry`:
 
 ``state``
     the aggregates ``features.entity_states(payments, as_of)`` gives (customers with a payment
@@ -80,7 +80,9 @@ def build_entries(
     typical_amount = float(known["amount"].median()) if len(known) else 0.0
     c_ids = sorted(cust_states)
     t_ids = sorted(term_states)
-    rows = [(cust_states[c].get("avg_amount_30d") or typical_amount, a, cust_states[c], None) for c in c_ids]
+    rows: list[features.OnlineRow] = [
+        (cust_states[c].get("avg_amount_30d") or typical_amount, a, cust_states[c], None) for c in c_ids
+    ]
     rows += [(typical_amount, a, None, term_states[t]) for t in t_ids]
     X = features.online_features_many(rows)
     t1 = time.perf_counter()

@@ -8,16 +8,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 
-def auc_roc(y_true, y_score) -> float:
+def auc_roc(y_true: ArrayLike, y_score: ArrayLike) -> float:
     return float(roc_auc_score(np.asarray(y_true), np.asarray(y_score)))
 
 
-def average_precision(y_true, y_score) -> float:
+def average_precision(y_true: ArrayLike, y_score: ArrayLike) -> float:
     return float(average_precision_score(np.asarray(y_true), np.asarray(y_score)))
 
 
@@ -36,7 +39,7 @@ def card_precision_per_day(payments_with_scores: pd.DataFrame, k: int = 100, sco
     """
     df = payments_with_scores[["customer_id", "is_fraud", score_col]].copy()
     df["day"] = _days(payments_with_scores["timestamp"])
-    detected: set = set()
+    detected: set[Any] = set()
     out: dict[str, float] = {}
     for day, df_day in df.groupby("day", sort=True):
         df_day = df_day[~df_day["customer_id"].isin(detected)]

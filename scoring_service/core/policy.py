@@ -20,8 +20,13 @@ learned from its training data:
   and at least the review threshold (AMOUNT_HIGH_VS_CUSTOMER_USUAL).
 
 A floor is a calibrated probability, not just a threshold, so payments a rule catches rank by how
-often that rule is right: amounts over the high limit (always fraud in the handbook data) above a
-customer whose worst payment this week scored 0.3.
+often that rule is right: an amount over the high limit (always fraud in the handbook data) ranks
+above any payment of a card whose cached risk (its typical payment's score) is 0.3.
+
+The amount-ratio rules only judge payments below the high amount, and only when the customer has
+at least ``min_history`` payments in its 30-day window (``nb_tx_30d`` of its state): below that
+its average is not trusted. Training learns each rule's threshold and rate on the payments it
+fires on (``training.decision_rules.learn_policy``).
 
 Model answers use the model's probability for this payment as ``risk_score``; the same floors
 apply, so a rule never says less on the model path than on the cache path.
@@ -39,6 +44,8 @@ Reason = tuple[str, str, float]
 
 APPROVE, REVIEW, DECLINE = "APPROVE", "REVIEW", "DECLINE"
 DECISIONS = (APPROVE, REVIEW, DECLINE)
+# payments the customer must have in its 30-day window before its average amount is trusted
+MIN_HISTORY = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +55,7 @@ class Policy:
     high_amount: float = float("inf")
     amount_ratio_review: float = float("inf")
     amount_ratio_decline: float = float("inf")
-    min_history: float = 3.0  # payments in 30 days before the customer's average is trusted
+    min_history: float = MIN_HISTORY  # payments in 30 days before the customer's average is trusted
     high_amount_rate: float = 0.0  # training fraud rate of each rule (0 = unknown: the threshold alone)
     ratio_decline_rate: float = 0.0
     ratio_review_rate: float = 0.0
@@ -62,7 +69,7 @@ class Policy:
             high_amount=float(p.get("high_amount", float("inf"))),
             amount_ratio_review=float(p.get("amount_ratio_review", float("inf"))),
             amount_ratio_decline=float(p.get("amount_ratio_decline", float("inf"))),
-            min_history=float(p.get("min_history", 3.0)),
+            min_history=float(p.get("min_history", MIN_HISTORY)),
             high_amount_rate=float(p.get("high_amount_fraud_rate", 0.0)),
             ratio_decline_rate=float(p.get("amount_ratio_decline_fraud_rate", 0.0)),
             ratio_review_rate=float(p.get("amount_ratio_review_fraud_rate", 0.0)),
@@ -76,7 +83,12 @@ class Policy:
         return APPROVE
 
     def payment_floor(self, amount: float, customer_state: dict[str, float] | None) -> tuple[float, Reason | None]:
-        """The lowest score this payment alone deserves, and the rule that set it."""
+        """The lowest score this payment alone deserves, and the rule that set it.
+
+        The rules are tried in order and the first that fires sets the floor: the high amount;
+        then, for a customer with ``min_history`` payments and a positive average, the decline
+        ratio, then the review ratio. ``learn_policy`` measures each rule's rate where it fires.
+        """
         if amount >= self.high_amount:
             return max(self.decline, self.high_amount_rate), ("AMOUNT_ABOVE_HIGH_LIMIT", "amount", amount)
         if customer_state:
@@ -109,9 +121,10 @@ def combine_entities(
 ) -> tuple[float, list[Reason]]:
     """Entity scores -> the payment's base score (the max) and the reasons of the riskier entity first.
 
-    An entity's reasons are the model's reason codes for its riskiest recent payment; their feature
-    names already say which entity they are about (``customer_*``, ``terminal_*``), so they pass
-    through unchanged, and a reason both entities share is given once.
+    An entity's reasons are the model's reason codes for its typical payment (the payment its
+    cached score is the model's score of, see ``entity_scoring``); their feature names already say
+    which entity they are about (``customer_*``, ``terminal_*``), so they pass through unchanged,
+    and a reason both entities share is given once.
     """
     parts: list[tuple[float, list[Reason]]] = []
     if customer is not None:
@@ -122,7 +135,7 @@ def combine_entities(
         return 0.0, []
     parts.sort(key=lambda p: -p[0])
     seen: set[str] = set()
-    reasons = []
+    reasons: list[Reason] = []
     for _, rs in parts:
         for r in rs:
             if r[0] not in seen:

@@ -56,13 +56,14 @@ def evaluate_scores(test_payments: pd.DataFrame, scores: np.ndarray, k: int = 10
     }
 
 
-def handbook_xgboost_baseline(payments: pd.DataFrame, features: pd.DataFrame, train_start: str = "2018-07-25") -> dict[str, float]:
+def handbook_xgboost_baseline(
+    payments: pd.DataFrame, features: pd.DataFrame, train_start: str = "2018-07-25"
+) -> dict[str, float]:
     """Reproduce the handbook's XGBoost row (0.862 / 0.639 / 0.273) with its 15 features.
 
     ``features``: ``payments_features(payments)`` (the first 15 columns are the handbook's).
     """
     import xgboost as xgb
-
 
     cols = FEATURE_NAMES[:15]
     train, test = train_test_split_handbook(payments, train_start)

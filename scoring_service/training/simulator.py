@@ -18,7 +18,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["TRANSACTION_ID", "TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT", "TX_TIME_SECONDS", "TX_TIME_DAYS", "TX_FRAUD"]
+COLUMNS = [
+    "TRANSACTION_ID", "TX_DATETIME", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT", "TX_TIME_SECONDS", "TX_TIME_DAYS", "TX_FRAUD",
+]
 
 
 def _terminals_in_radius(cxy: np.ndarray, txy: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +126,7 @@ def simulate(
         kc = cust[by_cust] * (n_days + 14) + day[by_cust]
         lo = np.searchsorted(kc, ev_cust * (n_days + 14) + ev_day, side="left")
         hi = np.searchsorted(kc, ev_cust * (n_days + 14) + ev_day + 14, side="left")
-        for a, b in zip(lo.tolist(), hi.tolist()):  # one small loop per event (3 a day)
+        for a, b in zip(lo.tolist(), hi.tolist(), strict=True):  # one small loop per event (3 a day)
             m = b - a
             if m < 3:
                 continue

@@ -17,8 +17,9 @@ import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from scoring_service.core import features as F  # noqa: E402
+from scoring_service.adapters.files.payments_file import read_payments_file  # noqa: E402
 from scoring_service.adapters.model.gbdt import GbdtModel, sha256_file  # noqa: E402
+from scoring_service.core import features as F  # noqa: E402
 from scoring_service.training.train import train_handbook, train_on_payments  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,7 +50,8 @@ def test_beats_handbook_xgboost(tmp_path):
         assert res.metrics[k] > ref, f"{k} = {res.metrics[k]:.4f} does not beat the handbook's {ref}"
     # the artefact loads and reproduces the scores
     assert res.artifact_path.is_file()
-    m = GbdtModel.load(res.artifact_path, res.framework, res.feature_names, expected_sha256=sha256_file(res.artifact_path), device="cpu")
+    sha = sha256_file(res.artifact_path)
+    m = GbdtModel.load(res.artifact_path, res.framework, res.feature_names, expected_sha256=sha, device="cpu")
     # a typical customer (57 payments, usual amount 58) and a terminal without known fraud
     cs = {"nb_tx_1d": 2.0, "sum_amount_1d": 128.12, "nb_tx_7d": 15.0, "sum_amount_7d": 860.34, "nb_tx_30d": 57.0,
           "sum_amount_30d": 3331.85, "sumsq_amount_30d": 235166.14, "max_amount_30d": 102.3, "avg_amount_30d": 58.45,
@@ -79,7 +81,7 @@ def test_protocol_reproduces_handbook_xgboost():
         pytest.skip(f"handbook file {path} not found (set FRAUDSCORE_HANDBOOK): the published figures need it")
     from scoring_service.training.evaluation import handbook_xgboost_baseline
 
-    payments = F.load_payments(path)
+    payments = read_payments_file(path)
     feats = F.payments_features(payments)
     m = handbook_xgboost_baseline(payments, feats)
     assert round(m["auc_roc"], 3) == HANDBOOK_XGBOOST["auc_roc"]

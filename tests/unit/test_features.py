@@ -233,7 +233,7 @@ def test_epoch_seconds_reads_every_time_form_the_clis_accept():
     assert epoch_seconds("2018-09-01T02:00:00+02:00") == t
     assert epoch_seconds("1535760000.5") == t + 0.5
     assert epoch_seconds(pd.Timestamp("2018-09-01 00:00:00.0000019")) == t + 0.000001  # microsecond truncation
-    assert epoch_seconds(dt.datetime(2018, 9, 1, tzinfo=dt.timezone.utc)) == t
+    assert epoch_seconds(dt.datetime(2018, 9, 1, tzinfo=dt.UTC)) == t
     for bad in ("yesterday", "", "NaT"):
         with pytest.raises(ValueError):
             epoch_seconds(bad)

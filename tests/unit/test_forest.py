@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from scoring_service.core import features as F
 from scoring_service.adapters.model.forest import Forest
 from scoring_service.adapters.model.gbdt import GbdtModel
+from scoring_service.core import features as F
 from scoring_service.training.simulator import simulate
 
 

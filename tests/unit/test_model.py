@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scoring_service.core import features as F
 from scoring_service.adapters.model.gbdt import GbdtModel, ModelError, choose_device, sha256_file
+from scoring_service.core import features as F
 from scoring_service.training.simulator import simulate
 
 
@@ -34,7 +34,8 @@ def lgb_path(data, tmp_path_factory):
     import lightgbm as lgb
 
     X, y = data
-    b = lgb.train({"objective": "binary", "num_leaves": 7, "num_threads": 1, "verbosity": -1, "seed": 0}, lgb.Dataset(X, label=y), 20)
+    params = {"objective": "binary", "num_leaves": 7, "num_threads": 1, "verbosity": -1, "seed": 0}
+    b = lgb.train(params, lgb.Dataset(X, label=y), 20)
     path = tmp_path_factory.mktemp("m") / "model.txt"
     b.save_model(str(path))
     return path, b
@@ -60,6 +61,48 @@ def test_load_refuses_missing_and_mismatch(xgb_path, tmp_path):
         GbdtModel.load(path, "catboost", F.FEATURE_NAMES, device="cpu")
     m = GbdtModel.load(path, "xgboost", F.FEATURE_NAMES, expected_sha256=sha256_file(path), device="cpu")
     assert m.device == "cpu" and m.framework == "xgboost" and m.feature_names == F.FEATURE_NAMES
+
+
+def test_load_refuses_a_model_registered_with_reordered_feature_names(xgb_path):
+    path, _ = xgb_path
+    names = list(F.FEATURE_NAMES)
+    names[3], names[4] = names[4], names[3]  # customer_nb_tx_1d <-> customer_nb_tx_7d
+    with pytest.raises(ModelError, match="position 3") as err:
+        GbdtModel.load(path, "xgboost", names, device="cpu")
+    assert "'customer_nb_tx_7d'" in str(err.value) and "'customer_nb_tx_1d'" in str(err.value)
+    with pytest.raises(ModelError, match="nothing at position 26 where 'extra' is expected"):  # a feature the model lacks
+        GbdtModel.load(path, "xgboost", F.FEATURE_NAMES, device="cpu", expected_feature_names=[*F.FEATURE_NAMES, "extra"])
+    # the right names, in order: it loads; names of a toy model load without the check
+    assert GbdtModel.load(path, "xgboost", F.FEATURE_NAMES, device="cpu").feature_names == F.FEATURE_NAMES
+    toy = [f"f{i}" for i in range(len(F.FEATURE_NAMES))]
+    assert GbdtModel.load(path, "xgboost", toy, device="cpu", expected_feature_names=None).feature_names == toy
+
+
+@pytest.mark.parametrize("fw", ["xgboost", "lightgbm"])
+def test_load_checks_the_boosters_own_feature_names(fw, data, tmp_path):
+    """A booster trained with names carries them: they must be the registry's, in order."""
+    import lightgbm as lgb
+    import xgboost as xgb
+
+    X, y = data
+    reordered = [F.FEATURE_NAMES[1], F.FEATURE_NAMES[0], *F.FEATURE_NAMES[2:]]
+    for names, ok in ((F.FEATURE_NAMES, True), (reordered, False)):
+        path = tmp_path / (f"{fw}-{ok}." + ("ubj" if fw == "xgboost" else "txt"))
+        if fw == "xgboost":
+            d = xgb.DMatrix(X, label=y, feature_names=list(names))
+            xgb.train({"objective": "binary:logistic", "max_depth": 2, "nthread": 1}, d, 3).save_model(str(path))
+        else:
+            d = lgb.Dataset(X, label=y, feature_name=list(names))
+            lgb.train({"objective": "binary", "num_leaves": 3, "num_threads": 1, "verbosity": -1}, d, 3).save_model(str(path))
+        if ok:
+            assert GbdtModel.load(path, fw, F.FEATURE_NAMES, device="cpu").feature_names == F.FEATURE_NAMES
+        else:
+            with pytest.raises(ModelError, match="booster's own feature names have 'is_weekend' at position 0 where 'amount'"):
+                GbdtModel.load(path, fw, F.FEATURE_NAMES, device="cpu")
+            # the check of the booster's names against the record's does not depend on expected_feature_names
+            with pytest.raises(ModelError, match="position 0"):
+                GbdtModel.load(path, fw, F.FEATURE_NAMES, device="cpu", expected_feature_names=None)
+            assert GbdtModel.load(path, fw, reordered, device="cpu", expected_feature_names=None).feature_names == reordered
 
 
 @pytest.mark.parametrize("fw", ["xgboost", "lightgbm"])
@@ -105,7 +148,8 @@ def test_explain(fw, data, xgb_path, lgb_path):
 
 
 def test_train_on_simulated_payments_is_deterministic_and_loads(tmp_path):
-    from scoring_service.training.train import choose_thresholds, train_on_payments
+    from scoring_service.training.decision_rules import choose_thresholds
+    from scoring_service.training.train import train_on_payments
 
     p = F.normalise_handbook(simulate(700, 1400, "2018-04-01", 30, seed=11))
     r1 = train_on_payments(p, tmp_path / "a", rounds=25)
@@ -115,8 +159,8 @@ def test_train_on_simulated_payments_is_deterministic_and_loads(tmp_path):
     assert set(r1.metrics) == {"auc_roc", "average_precision", "card_precision_at_100"}
     assert r1.metrics["auc_roc"] > 0.75
     assert 0 < r1.thresholds["review"] <= r1.thresholds["decline"] <= 1
-    assert set(r1.policy) == {"amount_ratio_review", "amount_ratio_decline", "high_amount", "high_amount_fraud_rate",
-                              "amount_ratio_decline_fraud_rate", "amount_ratio_review_fraud_rate"}
+    assert set(r1.policy) == {"amount_ratio_review", "amount_ratio_decline", "high_amount", "min_history",
+                              "high_amount_fraud_rate", "amount_ratio_decline_fraud_rate", "amount_ratio_review_fraud_rate"}
     assert all(0.0 <= r1.policy[k] <= 1.0 for k in r1.policy if k.endswith("_fraud_rate"))
     assert r1.policy["amount_ratio_review"] <= r1.policy["amount_ratio_decline"]
     assert (tmp_path / "a" / "train_result.json").is_file()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class Forest:
         return len(self._roots)
 
     @classmethod
-    def from_xgboost(cls, booster) -> Forest | None:
+    def from_xgboost(cls, booster: Any) -> Forest | None:
         """The booster's trees, or None when the model is of a kind this evaluator does not cover."""
         model = json.loads(booster.save_raw("json"))
         learner = model["learner"]
@@ -126,7 +127,7 @@ class Forest:
             keys.append(key)
             deltas.append(self._mean[nxt] - self._mean[node])
             node = nxt
-        out = np.bincount(np.concatenate(keys), weights=np.concatenate(deltas), minlength=n * width).reshape(n, width)
+        out: np.ndarray = np.bincount(np.concatenate(keys), weights=np.concatenate(deltas), minlength=n * width).reshape(n, width)
         out[:, self.n_features] += self._bias
         return out
 
