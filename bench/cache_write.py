@@ -13,6 +13,8 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import redis
 
@@ -27,7 +29,7 @@ def _items(n: int) -> list[tuple[bytes, bytes]]:
     return [(b"fs:1:xgb-bench:g1:c:%d" % i, value) for i in range(n)]
 
 
-def _reference(url: str, items, ttl: int) -> float:
+def _reference(url: str, items: Sequence[tuple[bytes, bytes]], ttl: int) -> float:
     r = redis.Redis.from_url(url)
     t0 = time.perf_counter()
     for i in range(0, len(items), 1000):
@@ -38,7 +40,7 @@ def _reference(url: str, items, ttl: int) -> float:
     return time.perf_counter() - t0
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.cache_write", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, default=500_000)
@@ -47,14 +49,17 @@ def main(argv=None) -> int:
     items = _items(args.keys)
     server = RedisServer().start()
     try:
-        out = {"keys": args.keys, "value_bytes": len(items[0][1]), "cores": os.cpu_count(),
-               "loadavg_at_start": os.getloadavg(), "variants": {}}
+        out: dict[str, Any] = {"keys": args.keys, "value_bytes": len(items[0][1]), "cores": os.cpu_count(),
+                               "loadavg_at_start": os.getloadavg(), "variants": {}}
         r = redis.Redis.from_url(server.url)
-        best = {}
+        best: dict[str, float] = {}
+        variants: list[tuple[str, Callable[[], float]]] = [
+            ("redis-py pipeline, 1 connection (reference)", lambda: _reference(server.url, items, 600)),
+            ("cache_writer, 1 connection", lambda: cw.write_items(server.url, items, 600, connections=1).seconds),
+            ("cache_writer, 4 connections", lambda: cw.write_items(server.url, items, 600, connections=4).seconds),
+        ]
         for _ in range(args.repeat):
-            for name, fn in (("redis-py pipeline, 1 connection (reference)", lambda: _reference(server.url, items, 600)),
-                             ("cache_writer, 1 connection", lambda: cw.write_items(server.url, items, 600, connections=1).seconds),
-                             ("cache_writer, 4 connections", lambda: cw.write_items(server.url, items, 600, connections=4).seconds)):
+            for name, fn in variants:
                 r.flushdb()
                 secs = fn()
                 if r.dbsize() != args.keys:

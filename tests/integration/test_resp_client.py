@@ -15,6 +15,14 @@ def test_pack_is_resp2_bulk_strings() -> None:
     assert pack(("SET", "k", b"v\r\n", 60)) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n$2\r\n60\r\n"
 
 
+def test_the_bulk_set_fast_path_encodes_like_the_generic_packer() -> None:
+    from scoring_service.adapters.redis.protocol import pack_many, pack_set_ex_many
+
+    items = [(b"k1", b"v\r\n1"), (b"k\xff", b""), (b"%s%d", b"100%")]
+    assert pack_set_ex_many(items, 60) == pack_many([("SET", k, v, "EX", 60) for k, v in items])
+    assert pack_set_ex_many([], 60) == b""
+
+
 def test_commands_replies_and_errors(redis_url: str) -> None:
     async def run():
         r = PipelinedRedis(redis_url)
@@ -78,7 +86,7 @@ def test_a_late_event_loop_does_not_time_out_on_a_reply_that_arrived(redis_url: 
     the reply's wake-up runs), which is what made busy workers report a working Redis as down."""
     import time
 
-    from scoring_service.cli import run_event_loop
+    from scoring_service.online.runtime import run_event_loop
 
     async def run():
         r = PipelinedRedis(redis_url)

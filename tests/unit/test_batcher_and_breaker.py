@@ -6,9 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from scoring_service.online.batcher import MicroBatcher, Overloaded
 from scoring_service.adapters.redis.entity_cache import CircuitBreaker
 from scoring_service.core.cache_layout import CacheEntry, active_generation_key, entity_key
+from scoring_service.online.batcher import MicroBatcher, Overloaded
 
 
 def test_concurrent_rows_are_coalesced_and_answered_in_place():

@@ -1,11 +1,11 @@
 """Bulk writes of one cache generation, and the atomic switch to it.
 
 Keys follow ``scoring_service.core.cache_layout``. A generation is written in chunks of pipelined
-``SET key value EX ttl`` commands, encoded to RESP here (redis-py's per-command packing is the
-bottleneck at these rates) and sent over several connections from a thread pool; every reply is
-checked. Only when every key of the generation is acknowledged does :func:`switch_generation`
-point ``fs:1:<model>:active`` at it with one ``SET``: readers see the old generation or the new
-one, never a mix. If anything fails, nothing is switched and the previous generation keeps
+``SET key value EX ttl`` commands, encoded to RESP by ``protocol.pack_set_ex_many`` (redis-py's
+per-command packing is the bottleneck at these rates) and sent over several connections from a
+thread pool; every reply is checked. Only when every key of the generation is acknowledged does
+:func:`switch_generation` point ``fs:1:<model>:active`` at it with one ``SET``: readers see the
+old generation or the new one, never a mix. If anything fails, nothing is switched and the previous generation keeps
 serving; the half-written one expires with its TTL (or is removed by :func:`delete_generation`).
 """
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import redis
 
+from scoring_service.adapters.redis.protocol import pack_set_ex_many
 from scoring_service.core.cache_layout import (
     CUSTOMER,
     TERMINAL,
@@ -46,20 +47,16 @@ class WriteStats:
         return self.keys / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _resp(parts: Sequence[bytes]) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for p in parts:
-        out.append(b"$%d\r\n%s\r\n" % (len(p), p))
-    return b"".join(out)
-
-
 def encode_set_chunk(items: Sequence[tuple[bytes, bytes]], ttl_s: int) -> bytes:
-    ttl = str(int(ttl_s)).encode()
-    tl = len(ttl)
-    buf = []
-    for k, v in items:
-        buf.append(b"*5\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$2\r\nEX\r\n$%d\r\n%s\r\n" % (len(k), k, len(v), v, tl, ttl))
-    return b"".join(buf)
+    """One chunk of ``SET key value EX ttl_s`` in RESP (the encoder is ``protocol.pack_set_ex_many``)."""
+    return pack_set_ex_many(items, ttl_s)
+
+
+def _text(raw: object) -> str | None:
+    """A string reply of redis-py (bytes: this module never sets ``decode_responses``) as str."""
+    if raw is None:
+        return None
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 class _Conn:
@@ -73,6 +70,8 @@ class _Conn:
         conn = self._conn
         conn.send_packed_command([payload], check_health=False)
         sock = conn._sock  # noqa: SLF001 - raw replies: n times b"+OK\r\n"
+        if sock is None:  # send_packed_command connects first; None only if that failed silently
+            raise CacheWriteError("Redis connection lost during a bulk write")
         lines = 0
         got = bytearray()
         while lines < n:  # one reply line per command: +OK, or -ERR ... on failure
@@ -123,7 +122,7 @@ def write_items(url: str, items: Sequence[tuple[bytes, bytes]], ttl_s: int, *, c
             with lock:
                 conns.append(c)
         try:
-            c.set_chunk(encode_set_chunk(ch, ttl_s), len(ch))
+            c.set_chunk(pack_set_ex_many(ch, ttl_s), len(ch))
         except OSError as exc:
             raise CacheWriteError(f"Redis write failed: {exc}") from None
         with lock:
@@ -148,15 +147,17 @@ def write_items(url: str, items: Sequence[tuple[bytes, bytes]], ttl_s: int, *, c
 
 
 def write_generation(url: str, model_version: str, generation: str, customers: dict[str, CacheEntry],
-                     terminals: dict[str, CacheEntry], ttl_s: int, **kwargs: object) -> WriteStats:
-    """Write every entry of a generation (not yet active)."""
+                     terminals: dict[str, CacheEntry], ttl_s: int, *, connections: int = 4, chunk: int = 5000,
+                     timeout: float = 30.0, progress: Callable[[int], None] | None = None,
+                     after_chunk: Callable[[int], None] | None = None) -> WriteStats:
+    """Write every entry of a generation (not yet active); the keyword arguments are :func:`write_items`'s."""
     items = entry_items(model_version, generation, customers, terminals)
-    return write_items(url, items, ttl_s, **kwargs)  # type: ignore[arg-type]
+    return write_items(url, items, ttl_s, connections=connections, chunk=chunk, timeout=timeout, progress=progress,
+                       after_chunk=after_chunk)
 
 
 def active_generation(url: str, model_version: str) -> str | None:
-    raw = redis.Redis.from_url(url, socket_timeout=5).get(active_generation_key(model_version))
-    return raw.decode() if raw is not None else None
+    return _text(redis.Redis.from_url(url, socket_timeout=5).get(active_generation_key(model_version)))
 
 
 def switch_generation(url: str, model_version: str, generation: str, expected_keys: int | None = None,
@@ -172,8 +173,7 @@ def switch_generation(url: str, model_version: str, generation: str, expected_ke
         if present != len(keys):
             raise CacheWriteError(f"only {present} of {len(keys)} sampled keys of generation {generation} exist: not switching")
     key = active_generation_key(model_version)
-    previous = r.set(key, generation, get=True)
-    return previous.decode() if previous is not None else None
+    return _text(r.set(key, generation, get=True))
 
 
 def delete_generation(url: str, model_version: str, generation: str, batch: int = 5000) -> int:
@@ -189,3 +189,16 @@ def delete_generation(url: str, model_version: str, generation: str, batch: int 
     if pending:
         n += r.unlink(*pending)
     return n
+
+
+class RedisCacheWriter:
+    """The batch jobs' cache writer: the functions above bound to one Redis, TTL and pool size."""
+
+    def __init__(self, url: str, ttl_s: int, connections: int = 4) -> None:
+        self.url, self.ttl_s, self.connections = url, ttl_s, connections
+
+    def write_items(self, items: Sequence[tuple[bytes, bytes]], progress: Callable[[int], None] | None = None) -> WriteStats:
+        return write_items(self.url, items, self.ttl_s, connections=self.connections, progress=progress)
+
+    def switch_generation(self, model_version: str, generation: str, sample: Sequence[bytes]) -> str | None:
+        return switch_generation(self.url, model_version, generation, sample=sample)

@@ -11,16 +11,17 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+from scoring_service.adapters.redis.resp import PipelinedRedis, RedisReplyError
 from scoring_service.core.cache_layout import (
     CUSTOMER,
     ONLINE_GENERATION,
     TERMINAL,
     CacheEntry,
+    EntityKind,
     active_generation_key,
     entity_key,
 )
 from scoring_service.logging import get_logger
-from scoring_service.adapters.redis.resp import PipelinedRedis, RedisReplyError
 
 RedisError = (RedisReplyError, OSError, TimeoutError)  # ConnectionError is an OSError
 
@@ -123,7 +124,7 @@ class EntityCache:
         self.breaker.success()
         return (CacheEntry.decode(raw_c) if raw_c else None, CacheEntry.decode(raw_t) if raw_t else None)
 
-    def write_back(self, model_version: str, entries: Sequence[tuple[str, str, CacheEntry]]) -> None:
+    def write_back(self, model_version: str, entries: Sequence[tuple[EntityKind, str, CacheEntry]]) -> None:
         """Store freshly computed entries ((kind, id, entry)) in the background, under the active generation.
 
         Write-backs queued during one turn of the event loop go out together, in one pipeline

@@ -6,7 +6,8 @@ pool to take from and give back, no per-command lock, and no socket per in-fligh
 which is what a cache hit spent most of its Redis time on with ``redis.asyncio`` (see
 bench/HISTORY.md). Only what the online cache needs is here: ``execute`` one command or
 ``execute_many`` in a pipeline; AUTH and SELECT from the URL; TCP, TLS (``rediss://``) and
-Unix sockets. Anything else uses redis-py.
+Unix sockets. Anything else uses redis-py. Commands are encoded by ``protocol`` (the package's one
+RESP encoder, shared with the bulk writer).
 
 Timeouts are ``timeout_s`` of ``execute`` / ``execute_many`` (they tolerate an event loop that
 runs late, see ``_call``) or the caller's ``asyncio.timeout``: a reply whose waiter gave up is
@@ -19,31 +20,26 @@ next command, so that the circuit breaker's trial calls reach a fresh connection
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import Any, cast
 from urllib.parse import unquote, urlparse
 
 import hiredis
 
-Arg = bytes | str | int | float
+from scoring_service.adapters.redis.protocol import Arg, pack, pack_many
+
+__all__ = ["Arg", "PipelinedRedis", "RedisReplyError", "pack"]
+
+# A waiter: (future, n, replies so far, sent at); n = 0 for one command, else a pipeline of n.
+_Waiter = tuple[asyncio.Future[Any], int, list[Any], float]
 
 
 class RedisReplyError(Exception):
     """Redis answered with an error (``-ERR ...``)."""
-
-
-def pack(args: Sequence[Arg]) -> bytes:
-    """One command in RESP2 (an array of bulk strings)."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if isinstance(a, str):
-            a = a.encode()
-        elif not isinstance(a, bytes):
-            a = str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
 
 
 class _Protocol(asyncio.Protocol):
@@ -52,8 +48,8 @@ class _Protocol(asyncio.Protocol):
         self.reader = hiredis.Reader(replyError=RedisReplyError)
         self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
-        self.transport = transport
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's transport
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -102,7 +98,7 @@ class PipelinedRedis:
         self.stale_after_s = stale_after_s
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[None] | None = None
-        self._waiters: deque[tuple[asyncio.Future, int, list, float]] = deque()  # (future, n, replies, sent at)
+        self._waiters: deque[_Waiter] = deque()
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._closed = False
@@ -112,15 +108,13 @@ class PipelinedRedis:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout_s):
             if self._unix_path:
-                _, proto = await loop.create_unix_connection(lambda: _Protocol(self), self._unix_path)
+                transport, proto = await loop.create_unix_connection(lambda: _Protocol(self), self._unix_path)
             else:
-                _, proto = await loop.create_connection(
+                transport, proto = await loop.create_connection(
                     lambda: _Protocol(self), self._host, self._port,
                     ssl=ssl.create_default_context() if self._tls else None)
-        sock = proto.transport.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if sock is not None and not self._unix_path:
-            import socket
-
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._proto = proto
         hello: list[tuple[Arg, ...]] = []
@@ -129,7 +123,7 @@ class PipelinedRedis:
         if self._db:
             hello.append(("SELECT", self._db))
         if hello:
-            replies = await self._enqueue(b"".join(pack(c) for c in hello), len(hello))
+            replies = await self._enqueue(pack_many(hello), len(hello))
             for r in replies:
                 if isinstance(r, RedisReplyError):
                     self._broken(ConnectionError(f"Redis refused the connection set-up: {r}"))
@@ -161,9 +155,9 @@ class PipelinedRedis:
                 fut.set_exception(ConnectionError(f"Redis connection lost: {exc}"))
 
     # -------------------------------------------------------------- commands
-    def _enqueue(self, data: bytes, n: int) -> asyncio.Future:
+    def _enqueue(self, data: bytes, n: int) -> asyncio.Future[Any]:
         """Queue ``data`` for the next send; n = 0: one command, else a pipeline of n."""
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         now = time.monotonic()
         if self._waiters and now - self._waiters[0][3] > self.stale_after_s:
             self._broken(TimeoutError(f"no reply from Redis for {now - self._waiters[0][3]:.1f}s"))
@@ -186,17 +180,17 @@ class PipelinedRedis:
             return
         self._proto.transport.write(data)
 
-    async def execute(self, *args: Arg, timeout_s: float | None = None):  # type: ignore[no-untyped-def]
+    async def execute(self, *args: Arg, timeout_s: float | None = None) -> Any:
         """One command's reply (bytes, int, list, None); a Redis error raises ``RedisReplyError``."""
         return await self._call(pack(args), 0, timeout_s)
 
-    async def execute_many(self, commands: Sequence[Sequence[Arg]], timeout_s: float | None = None) -> list:
+    async def execute_many(self, commands: Sequence[Sequence[Arg]], timeout_s: float | None = None) -> list[Any]:
         """Replies of a pipeline, in order; Redis errors come back as ``RedisReplyError`` values."""
         if not commands:
             return []
-        return await self._call(b"".join(pack(c) for c in commands), len(commands), timeout_s)
+        return await self._call(pack_many(commands), len(commands), timeout_s)
 
-    async def _call(self, data: bytes, n: int, timeout_s: float | None):  # type: ignore[no-untyped-def]
+    async def _call(self, data: bytes, n: int, timeout_s: float | None) -> Any:
         """Send ``data`` (n = 0: one command, else a pipeline of n) and wait for its reply.
 
         ``timeout_s`` bounds the wait, but never times out on a reply that is already here.

@@ -1,11 +1,12 @@
 """The model registry: which model versions exist, which one is active, and the audit of changes.
 
 A version's artifact is checked against its recorded sha256 before it is served; a mismatch is
-refused with :class:`~scoring_service.model.ModelError` and whatever was serving keeps serving.
+refused with :class:`~scoring_service.adapters.model.gbdt.ModelError` and whatever was serving keeps serving.
 """
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import getpass
 from collections.abc import Iterable
@@ -179,7 +180,7 @@ class Registry:
     def retire(self, version: str) -> ModelRecord:
         return self.set_status(version, "retired")
 
-    def audit_log(self, limit: int = 50) -> list[AuditEvent]:
+    def audit_log(self, limit: int = 50) -> builtins.list[AuditEvent]:  # ``list`` here is the method above
         with Session(self.engine) as session:
             rows = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)).all()
             session.expunge_all()
