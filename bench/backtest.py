@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from scoring_service.adapters.files.payments_file import read_payments_file
 from scoring_service.batch.replay import _drive, summarise
-from scoring_service.core.features import load_payments
 from tests.conftest import handbook_path
 from tests.servers.kafka import KafkaServer
 from tests.servers.redis import RedisServer
@@ -53,7 +53,8 @@ def main() -> None:
     redis, kafka = RedisServer().start(), KafkaServer().start()
     env = {**os.environ, "FRAUDSCORE_DATA_DIR": str(work), "REDIS_URL": redis.url,
            "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap, "FRAUDSCORE_LOG_FORMAT": "json", "OMP_WAIT_POLICY": "PASSIVE"}
-    report: dict = {"machine": os.uname().nodename, "cores": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report: dict = {"machine": os.uname().nodename, "cores": os.cpu_count(), "started": started}
     try:
         t = time.monotonic()
         report["train"] = json.loads(cli(env, "train", "--data", str(data)).stdout.strip().splitlines()[-1])
@@ -61,7 +62,7 @@ def main() -> None:
         t = time.monotonic()
         cli(env, "events", "publish", "--parquet", str(data))
         report["publish_seconds"] = round(time.monotonic() - t, 1)
-        payments = load_payments(data)
+        payments = read_payments_file(data)
         days = [TEST_START + pd.Timedelta(days=i) for i in range(args.days)]
         for mode in args.modes.split(","):
             scorer = ScorerProcess(work, redis.url, env={"KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
@@ -93,7 +94,8 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m in report]
     print(f"\n{'metric':<28}" + "".join(f"{m:>16}" for m in modes))
     for key in ("requests", "errors", "degraded", "average_precision", "card_precision_at_100", "cache_hit_ratio"):
-        print(f"{key:<28}" + "".join(f"{report[m][key]:>16.4f}" if isinstance(report[m][key], float) else f"{report[m][key]:>16}" for m in modes))
+        cells = (f"{report[m][key]:>16.4f}" if isinstance(report[m][key], float) else f"{report[m][key]:>16}" for m in modes)
+        print(f"{key:<28}" + "".join(cells))
     for q in ("p50", "p95", "p99"):
         print(f"{'server latency ' + q + ' ms':<28}" + "".join(f"{report[m]['server_latency_ms'][q]:>16.3f}" for m in modes))
         print(f"{'client latency ' + q + ' ms':<28}" + "".join(f"{report[m]['latency_ms'][q]:>16.3f}" for m in modes))

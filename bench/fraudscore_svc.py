@@ -52,26 +52,26 @@ class Environment:
                            capture_output=True, text=True, cwd=REPO)
         if r.returncode != 0:
             raise RuntimeError(f"fraudscore train failed: {r.stderr[-2000:]}")
-        from scoring_service.adapters.sql.db import make_engine
-        from scoring_service.adapters.sql.registry import Registry
+        from scoring_service import bootstrap
+        from scoring_service.config import load_settings
 
-        rec = Registry(make_engine(self.env["FRAUDSCORE_DATABASE_URL"])).active()
+        rec = bootstrap.registry(load_settings(database_url=self.env["FRAUDSCORE_DATABASE_URL"])).active()
         if rec is None:
             raise RuntimeError("fraudscore train registered no active model")
         self.model_version, self.model_file = rec.version, Path(rec.artifact_path)
         log(f"fraudscore train: {rec.version} ({rec.framework}) in {time.monotonic() - t0:.0f}s -> {rec.artifact_path}")
 
     def fill_cache(self, payments, as_of, customers_of_interest) -> None:
-        """``scoring_service.batch.pipeline.rebuild_cache`` (the nightly run on an in-memory frame, no Kafka)."""
+        """``scoring_service.bootstrap.rebuild_cache`` (the nightly run on an in-memory frame, no Kafka)."""
         from scoring_service.config import load_settings
 
         settings = load_settings(data_dir=Path(self.env["FRAUDSCORE_DATA_DIR"]),
                                  database_url=self.env["FRAUDSCORE_DATABASE_URL"], redis_url=self.redis.url)
         t0 = time.monotonic()
-        from scoring_service.batch.pipeline import rebuild_cache  # raises ImportError until it exists
+        from scoring_service.bootstrap import rebuild_cache
 
         rebuild_cache(payments, as_of, settings, redis_url=self.redis.url)
-        self.cache_fill = "scoring_service.batch.pipeline.rebuild_cache"
+        self.cache_fill = "scoring_service.bootstrap.rebuild_cache"
         log(f"cache filled by rebuild_cache in {time.monotonic() - t0:.0f}s")
         self.cached_customers = self._which_cached(customers_of_interest)
         log(f"{len(self.cached_customers)} of {len(set(customers_of_interest))} traffic customers cached")
@@ -87,7 +87,7 @@ class Environment:
         pipe = r.pipeline(transaction=False)
         for c in ids:
             pipe.exists(entity_key(self.model_version, gen, CUSTOMER, c))
-        return {c for c, e in zip(ids, pipe.execute()) if e}
+        return {c for c, e in zip(ids, pipe.execute(), strict=True) if e}
 
     def stop(self) -> None:
         if self.redis is not None:

@@ -1,10 +1,10 @@
 """Replay recorded events: rebuild/backfill the cache for a window, or drive the live service.
 
 ``fraudscore replay --from A --to B`` rebuilds the cache as of B from the events in [A, B) with
-the nightly pipeline itself (``nightly.run_batch``: same window rules, dead letters, generation
+the nightly pipeline itself (``pipeline.run_batch``: same window rules, dead letters, generation
 switch, run record; job ``replay``). A and B are times, or ``partition:offset[,partition:offset]``
 bounds on the payments topic (partitions not named read from their start / to their end; with an
-offset ``--to``, as_of is the newest payment read).
+offset ``--to``, as_of is the newest payment read); offsets need a source that has them (Kafka).
 
 ``--through-service ADDRESS --speed X`` instead sends the window's payments as ``Score()`` calls
 at X times their original pace (0 = as fast as possible, ``--concurrency`` in flight), joins the
@@ -15,6 +15,7 @@ cache hit ratio and latency percentiles (JSON and a table).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +23,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scoring_service.batch import events as ev
-from scoring_service.batch.pipeline import BatchError, BatchResult, run_batch
-from scoring_service.config import Settings
-from scoring_service.core.metrics import average_precision, card_precision_at_k, card_precision_per_day
+from scoring_service.batch.pipeline import BatchAdapters, BatchError, BatchResult, run_batch
+from scoring_service.batch.progress import Progress
+from scoring_service.batch.sources import EventSource, OffsetBoundedSource
+from scoring_service.core.events import DAY_S, EventSourceError
 from scoring_service.core.features import LABEL_DELAY_DAYS, epoch_seconds
+from scoring_service.core.metrics import average_precision, card_precision_at_k, card_precision_per_day
 from scoring_service.logging import get_logger
 
 log = get_logger(__name__)
+
+__all__ = ["Bound", "card_precision_per_day", "check_bounds", "parse_bound", "replay_cache", "replay_through_service",
+           "report_table", "summarise"]
 
 
 @dataclass
@@ -38,82 +43,75 @@ class Bound:
     offsets: dict[int, int] | None = None
 
 
+def parse_offset_spec(spec: str) -> tuple[int, int] | None:
+    """``partition:offset`` -> (partition, offset); None when it is not of that form."""
+    if ":" not in spec:
+        return None
+    p, _, o = spec.partition(":")
+    if p.isdigit() and o.lstrip("-").isdigit():
+        return int(p), int(o)
+    return None
+
+
 def parse_bound(spec: str | None) -> Bound:
     """A time (ISO 8601 / date / epoch seconds) or ``p:o[,p:o...]``."""
     if spec is None or spec == "":
         return Bound()
-    from scoring_service.adapters.kafka.kafka_io import parse_offset_spec
-
     parts = [s.strip() for s in spec.split(",") if s.strip()]
     parsed = [parse_offset_spec(p) for p in parts]
     if parts and all(p is not None for p in parsed):
-        return Bound(offsets={p: o for p, o in parsed})  # type: ignore[misc]
+        return Bound(offsets=dict(p for p in parsed if p is not None))
     try:
         return Bound(time=epoch_seconds(spec))
     except (ValueError, TypeError) as exc:
         raise BatchError(f"bad time or partition:offset {spec!r}: {exc}") from None
 
 
-def _as_of_for_offsets(settings: Settings, offsets: dict[int, int]) -> float:
-    """The newest payment timestamp just before the given end offsets (+1 ms)."""
-    from confluent_kafka import Consumer, TopicPartition
+def _bounded(source: EventSource, a: Bound, b: Bound) -> EventSource:
+    """``source`` with the payments bounded by the offsets of ``a``/``b`` (if any)."""
+    if not (a.offsets or b.offsets):
+        return source
+    if not isinstance(source, OffsetBoundedSource):
+        raise BatchError("partition:offset bounds need Kafka (KAFKA_BOOTSTRAP_SERVERS)")
+    return source.with_offsets(a.offsets, b.offsets)
 
-    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "fraudscore-replay-probe",
-                  "enable.auto.commit": False})
-    topic = settings.topic("payments")
-    newest = None
+
+def _as_of(source: EventSource, b: Bound) -> float:
+    """The end of the replayed window: the ``--to`` time, just after the newest payment before the
+    ``--to`` offsets, else now."""
+    if b.time is not None:
+        return b.time
+    if not b.offsets:
+        return time.time()
+    assert isinstance(source, OffsetBoundedSource)
     try:
-        for p, o in offsets.items():
-            if o <= 0:
-                continue
-            c.assign([TopicPartition(topic, p, o - 1)])
-            m = c.poll(10)
-            if m is not None and m.error() is None:
-                ts = m.timestamp()[1] / 1000.0
-                newest = ts if newest is None else max(newest, ts)
-    finally:
-        c.close()
+        newest = source.newest_payment_time(b.offsets)
+    except EventSourceError as exc:
+        raise BatchError(str(exc)) from None
     if newest is None:
         raise BatchError("the --to offsets point at no message: nothing to replay")
     return newest + 0.001
 
 
-def replay_cache(settings: Settings, frm: str | None, to: str | None, *, group_id: str | None = None,
-                 workers: int = 1, source: str | None = None,
-                 redis_url: str | None = None, show_progress: bool | None = None) -> BatchResult:
+def check_bounds(source: EventSource, frm: str | None, to: str | None) -> None:
+    """Raise :class:`BatchError` for bounds that cannot be replayed from ``source`` (before adapters are built)."""
+    _bounded(source, parse_bound(frm), parse_bound(to))
+
+
+def replay_cache(adapters: BatchAdapters, frm: str | None, to: str | None, *,
+                 show_progress: bool | None = None) -> BatchResult:
     """Rebuild the cache as of ``to`` from the events in [``frm``, ``to``) (nightly's pipeline)."""
     a, b = parse_bound(frm), parse_bound(to)
-    if b.offsets and not settings.kafka_bootstrap:
-        raise BatchError("partition:offset bounds need Kafka (KAFKA_BOOTSTRAP_SERVERS)")
-    if a.offsets and not settings.kafka_bootstrap:
-        raise BatchError("partition:offset bounds need Kafka (KAFKA_BOOTSTRAP_SERVERS)")
-    if b.time is not None:
-        as_of = b.time
-    elif b.offsets:
-        from scoring_service.adapters.kafka import kafka_io
-
-        try:
-            kafka_io.check_reachable(settings.kafka_bootstrap or "")
-        except kafka_io.KafkaUnavailable as exc:
-            raise BatchError(str(exc)) from None
-        as_of = _as_of_for_offsets(settings, b.offsets)
-    else:
-        as_of = time.time()
-    start = a.time
-    if a.offsets:  # offsets bound the payments; the time window must not cut them off
-        start = 0.0
+    source = _bounded(adapters.source, a, b)
+    as_of = _as_of(source, b)
+    start = 0.0 if a.offsets else a.time  # offsets bound the payments; the time window must not cut them off
     if start is not None and start >= as_of:
         raise BatchError("--from must be before --to")
-    return run_batch(settings, job="replay", as_of=as_of, start=start,
-                     group_id=group_id or "fraudscore-replay", workers=workers, source=source,
-                     offsets_from=a.offsets, offsets_to=b.offsets, redis_url=redis_url,
+    return run_batch(dataclasses.replace(adapters, source=source), job="replay", as_of=as_of, start=start,
                      show_progress=show_progress)
 
 
 # ------------------------------------------------------------------------------------ metrics
-
-
-
 def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
@@ -163,7 +161,7 @@ async def _drive(address: str, payments: pd.DataFrame, speed: float, concurrency
     answers: list[dict[str, Any]] = [{} for _ in range(len(payments))]
     ts = payments["timestamp"].to_numpy(dtype="datetime64[ns]").view("int64")
     rows = list(zip(payments["transaction_id"].tolist(), payments["customer_id"].tolist(),
-                    payments["terminal_id"].tolist(), payments["amount"].tolist(), ts.tolist()))
+                    payments["terminal_id"].tolist(), payments["amount"].tolist(), ts.tolist(), strict=True))
     sem = asyncio.Semaphore(max(1, concurrency))
     Source = scoring_pb2.Source
     Decision = scoring_pb2.Decision
@@ -204,49 +202,21 @@ async def _drive(address: str, payments: pd.DataFrame, speed: float, concurrency
     return answers
 
 
-def replay_through_service(settings: Settings, address: str, frm: str | None, to: str | None, *,
-                           speed: float = 0.0, concurrency: int = 32, source: str | None = None,
-                           limit: int | None = None, timeout_s: float = 2.0, show_progress: bool | None = None
-                           ) -> dict[str, Any]:
+def replay_through_service(source: EventSource, address: str, frm: str | None, to: str | None, *,
+                           speed: float = 0.0, concurrency: int = 32, limit: int | None = None, timeout_s: float = 2.0,
+                           show_progress: bool | None = None) -> dict[str, Any]:
     """Send the window's payments to ``address`` as Score() calls; the served metrics."""
-    from scoring_service.batch.progress import Progress
-
     a, b = parse_bound(frm), parse_bound(to)
     if a.offsets or b.offsets:
         raise BatchError("--through-service takes times for --from/--to")
     end = b.time if b.time is not None else time.time()
-    start = a.time if a.time is not None else end - 86400.0
-    # labels: every label of the window, whenever it arrived (we judge the answers afterwards)
-    label_horizon = end + (LABEL_DELAY_DAYS + 1) * 86400.0
-    if settings.kafka_bootstrap:
-        from scoring_service.adapters.kafka import kafka_io
-        from scoring_service.batch.pipeline import consume_kafka
-
-        try:
-            kafka_io.check_reachable(settings.kafka_bootstrap)
-        except kafka_io.KafkaUnavailable as exc:
-            raise BatchError(str(exc)) from None
-        pr = kafka_io.resolve_window(settings.kafka_bootstrap, settings.topic("payments"), int(start * 1000), int(end * 1000))
-        lr = kafka_io.resolve_window(settings.kafka_bootstrap, settings.topic("labels"), int(start * 1000),
-                                     int(label_horizon * 1000))
-        c = consume_kafka(settings, pr, lr, group_id="fraudscore-replay-service", workers=1, job="replay",
-                          start=start, end=label_horizon, show_progress=False)
-        ts = c.payments["timestamp"].to_numpy(dtype="datetime64[ns]").view("int64") / 1e9
-        payments = ev.attach_labels(c.payments.loc[(ts >= start) & (ts < end)], c.labels)
-    else:
-        src = source
-        if not src:
-            import os
-
-            src = os.environ.get("FRAUDSCORE_EVENTS_FILE")
-        if not src:
-            raise BatchError("no event source: set KAFKA_BOOTSTRAP_SERVERS or pass --source FILE")
-        frame = ev.FileEventSource(src).frame()
-        payments = ev.window_from_frame(frame, start, end, LABEL_DELAY_DAYS).payments
-        # every label of the window (they arrive after the payments; the report comes later)
-        if "is_fraud" in frame.columns:
-            lab = frame.drop_duplicates("transaction_id").set_index("transaction_id")["is_fraud"]
-            payments["is_fraud"] = payments["transaction_id"].map(lab).fillna(-1).astype(np.int8).to_numpy()
+    start = a.time if a.time is not None else end - DAY_S
+    try:
+        source.check()
+        # every label of the window, whenever it arrived (the answers are judged afterwards)
+        payments = source.read_window(start, end, labels_until=end + (LABEL_DELAY_DAYS + 1) * DAY_S).payments
+    except EventSourceError as exc:
+        raise BatchError(str(exc)) from None
     if limit:
         payments = payments.head(limit)
     started = time.perf_counter()

@@ -8,41 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-console = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code)
-
-
-def _settings(**overrides: Any):  # type: ignore[no-untyped-def]
-    from scoring_service.config import load_settings
-    from scoring_service.logging import configure_logging
-
-    kafka = overrides.pop("kafka_bootstrap", None)  # aliased field: not settable by its name
-    try:
-        settings = load_settings(**overrides)
-        if kafka:
-            settings = settings.model_copy(update={"kafka_bootstrap": kafka})
-    except Exception as exc:
-        raise _fail(f"invalid configuration: {exc}") from None
-    configure_logging(settings.log_format, settings.log_level)
-    return settings
-
-
-def _time(value: str | None, name: str) -> float | None:
-    if value is None:
-        return None
-    from scoring_service.core.features import epoch_seconds
-
-    try:
-        return epoch_seconds(value)
-    except (ValueError, TypeError):
-        raise _fail(f"{name}: not a time: {value!r} (ISO 8601, a date, or epoch seconds)") from None
+from scoring_service.cli.common import cli_settings, console, fail, parse_time
+from scoring_service.core.features import LABEL_DELAY_DAYS
 
 
 def _print_result(result: Any, as_json: bool) -> None:
@@ -65,21 +33,21 @@ def _print_result(result: Any, as_json: bool) -> None:
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Expected failures -> a message and exit 2 (1 for Kafka/Redis unavailable); no traceback."""
-    from scoring_service.adapters.redis.cache_writer import CacheWriteError
-    from scoring_service.batch.events import EventError
     from scoring_service.adapters.kafka.kafka_io import KafkaUnavailable
+    from scoring_service.adapters.redis.cache_writer import CacheWriteError
     from scoring_service.batch.pipeline import BatchError
+    from scoring_service.core.events import EventError
 
     try:
         return fn(*args, **kwargs)
     except (KafkaUnavailable, CacheWriteError) as exc:
-        raise _fail(str(exc), 1) from None
+        fail(str(exc), 1)
     except BatchError as exc:
-        raise _fail(str(exc), 1 if "unreachable" in str(exc) or "Redis" in str(exc) else 2) from None
+        fail(str(exc), 1 if "unreachable" in str(exc) or "Redis" in str(exc) else 2)
     except EventError as exc:
-        raise _fail(str(exc)) from None
+        fail(str(exc))
     except KeyboardInterrupt:
-        raise _fail("interrupted: the previous cache generation is still serving", 130) from None
+        fail("interrupted: the previous cache generation is still serving", 130)
 
 
 def register(app: typer.Typer) -> None:
@@ -97,11 +65,11 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON.")] = False,
     ) -> None:
         """Rebuild the entity cache from the feature window's events; switch to it atomically."""
-        from scoring_service.batch.pipeline import run_nightly
+        from scoring_service import bootstrap
 
-        settings = _settings(kafka_bootstrap=kafka, redis_url=redis_url)
-        result = _run(run_nightly, settings, as_of=_time(as_of, "--as-of"), group_id=group_id, workers=workers,
-                      source=source)
+        settings = cli_settings(kafka_bootstrap=kafka, redis_url=redis_url)
+        result = _run(bootstrap.run_nightly, settings, as_of=parse_time(as_of, "--as-of"), group_id=group_id,
+                      workers=workers, source=source)
         _print_result(result, as_json)
 
     @app.command()
@@ -121,29 +89,30 @@ def register(app: typer.Typer) -> None:
         output: Annotated[Path | None, typer.Option(help="Also write the JSON report here.")] = None,
     ) -> None:
         """Rebuild the cache for a past window, or replay its payments through the service."""
-        from scoring_service.batch import replay as rp
+        from scoring_service import bootstrap
+        from scoring_service.batch.replay import report_table
 
-        settings = _settings(kafka_bootstrap=kafka, redis_url=redis_url)
+        settings = cli_settings(kafka_bootstrap=kafka, redis_url=redis_url)
         if through_service:
-            report = _run(rp.replay_through_service, settings, through_service, frm, to, speed=speed,
-                          concurrency=concurrency, source=str(source) if source else None, limit=limit)
+            report = _run(bootstrap.replay_through_service, settings, through_service, frm, to, speed=speed,
+                          concurrency=concurrency, source=source, limit=limit)
             if output:
                 output.write_text(json.dumps(report, indent=2, default=str))
             if as_json or not sys.stdout.isatty():
                 print(json.dumps(report, default=str))
             else:
-                console.print(rp.report_table(report))
+                console.print(report_table(report))
             if report["requests"] and report["errors"] == report["requests"]:
-                raise _fail(f"every request to {through_service} failed", 1)
+                fail(f"every request to {through_service} failed", 1)
             return
-        result = _run(rp.replay_cache, settings, frm, to, group_id=group_id, workers=workers,
-                      source=str(source) if source else None)
+        result = _run(bootstrap.replay_cache, settings, frm, to, group_id=group_id, workers=workers, source=source)
         _print_result(result, as_json)
 
     @events_app.command("publish")
     def publish(
         parquet: Annotated[Path, typer.Option("--parquet", help="Handbook-format (or normalised) parquet file.")],
-        label_delay_days: Annotated[float, typer.Option(min=0.0, help="Labels are stamped payment time + this.")] = 7.0,
+        label_delay_days: Annotated[float, typer.Option(min=0.0, help="Labels are stamped payment time + this.")] = float(
+            LABEL_DELAY_DAYS),
         topic_prefix: Annotated[str | None, typer.Option(help="Topics <prefix>.payments / .labels.")] = None,
         partitions: Annotated[int, typer.Option(min=1, help="Partitions of topics created here.")] = 4,
         since: Annotated[str | None, typer.Option(help="Only payments at or after this time.")] = None,
@@ -151,20 +120,20 @@ def register(app: typer.Typer) -> None:
         kafka: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
     ) -> None:
         """Publish payments (their own times) and labels (payment time + delay) to Kafka."""
-        from scoring_service.batch import events as ev
+        from scoring_service.adapters.files.payments_file import read_payments_file
         from scoring_service.adapters.kafka import kafka_io
         from scoring_service.batch.progress import Progress
 
-        settings = _settings(kafka_bootstrap=kafka, kafka_topic_prefix=topic_prefix)
+        settings = cli_settings(kafka_bootstrap=kafka, kafka_topic_prefix=topic_prefix)
         if not settings.kafka_bootstrap:
-            raise _fail("no Kafka configured: set KAFKA_BOOTSTRAP_SERVERS or pass --kafka")
+            fail("no Kafka configured: set KAFKA_BOOTSTRAP_SERVERS or pass --kafka")
         if not parquet.exists():
-            raise _fail(f"--parquet: {parquet} does not exist")
+            fail(f"--parquet: {parquet} does not exist")
         try:
-            frame = ev.read_payments_file(parquet)
-        except (ev.EventError, OSError, ValueError) as exc:
-            raise _fail(f"--parquet: {exc}") from None
-        lo, hi = _time(since, "--since"), _time(until, "--until")
+            frame = read_payments_file(parquet)
+        except (OSError, ValueError) as exc:
+            fail(f"--parquet: {exc}")
+        lo, hi = parse_time(since, "--since"), parse_time(until, "--until")
         if lo is not None or hi is not None:
             ts = frame["timestamp"].to_numpy(dtype="datetime64[ns]").view("int64") / 1e9
             keep = (ts >= (lo if lo is not None else -1e18)) & (ts < (hi if hi is not None else 1e18))

@@ -1,4 +1,4 @@
-"""Event encoding, validation (the online service's rules) and the local-file source."""
+"""Event encoding (the Kafka codec), validation (the online service's rules), window rules and the file source."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scoring_service.batch import events as ev
+from scoring_service.adapters.files.event_source import FileEventSource
+from scoring_service.adapters.files.payments_file import PaymentsFileError, read_payments_file
+from scoring_service.adapters.kafka import codec
+from scoring_service.core import events
 from scoring_service.protos import events_pb2
 
 NOW = 1_800_000_000.0
@@ -28,23 +31,23 @@ def _frame(n: int = 5) -> pd.DataFrame:
 
 
 def _msgs(frame: pd.DataFrame):
-    return [("p", 0, i, m.key, m.value) for i, m in enumerate(ev.payment_messages(frame))]
+    return [("p", 0, i, m.key, m.value) for i, m in enumerate(codec.payment_messages(frame))]
 
 
 def test_payment_roundtrip_keeps_values_and_microseconds():
     f = _frame()
     f.loc[2, "timestamp"] = pd.Timestamp("2018-08-01 02:00:00.123456")
-    out = ev.decode_payments(_msgs(f), now=NOW)
+    out = codec.decode_payments(_msgs(f), now=NOW)
     assert not out.rejected
-    pd.testing.assert_frame_equal(out.frame, f[ev.PAYMENT_COLUMNS].reset_index(drop=True))
-    keys = [m.key for m in ev.payment_messages(f)]
+    pd.testing.assert_frame_equal(out.frame, f[events.PAYMENT_COLUMNS].reset_index(drop=True))
+    keys = [m.key for m in codec.payment_messages(f)]
     assert keys == [c.encode() for c in f["customer_id"]]  # keyed by customer
 
 
 def test_zero_amount_is_valid_card_verification():
     f = _frame(1)
     f.loc[0, "amount"] = 0.0
-    assert not ev.decode_payments(_msgs(f), now=NOW).rejected
+    assert not codec.decode_payments(_msgs(f), now=NOW).rejected
 
 
 @pytest.mark.parametrize(
@@ -62,12 +65,12 @@ def test_invalid_payments_are_rejected_with_reason(field, value, reason):
     e = events_pb2.PaymentEvent(transaction_id="t1", customer_id="c1", terminal_id="m1", amount=5.0)
     e.timestamp.FromSeconds(1_533_000_000)
     setattr(e, field, value)
-    out = ev.decode_payments([("p", 3, 42, b"k", e.SerializeToString())], now=NOW)
+    out = codec.decode_payments([("p", 3, 42, b"k", e.SerializeToString())], now=NOW)
     assert len(out.frame) == 0 and len(out.rejected) == 1
     r = out.rejected[0]
     assert reason in r.reason and (r.partition, r.offset, r.key) == (3, 42, b"k")
-    with pytest.raises(ev.EventError):
-        ev.validate_payment_event(e, now=NOW)
+    with pytest.raises(events.EventError):
+        codec.validate_payment_event(e, now=NOW)
 
 
 def test_bad_timestamps_and_garbage_are_rejected():
@@ -77,7 +80,8 @@ def test_bad_timestamps_and_garbage_are_rejected():
     future = e.SerializeToString()
     e.timestamp.FromSeconds(100)
     ancient = e.SerializeToString()
-    out = ev.decode_payments([("p", 0, i, None, v) for i, v in enumerate([no_ts, future, ancient, b"\xff\xff garbage", None])], now=NOW)
+    values = [no_ts, future, ancient, b"\xff\xff garbage", None]
+    out = codec.decode_payments([("p", 0, i, None, v) for i, v in enumerate(values)], now=NOW)
     assert len(out.frame) == 0
     reasons = [r.reason for r in out.rejected]
     assert sum("timestamp" in r for r in reasons) == 3 and sum("undecodable" in r for r in reasons) == 2
@@ -85,10 +89,10 @@ def test_bad_timestamps_and_garbage_are_rejected():
 
 def test_labels_are_stamped_after_the_delay_and_future_ones_skipped():
     f = _frame()
-    plan = ev.label_messages(f, 7, now=pd.Timestamp("2018-08-08 01:30").value / 1e9, max_future_s=0)
+    plan = codec.label_messages(f, 7, now=pd.Timestamp("2018-08-08 01:30").value / 1e9, max_future_s=0)
     # payments at 00:00..04:00 on 08-01, labels at +7 d; the one at 04:00 has no label (-1)
     assert plan.skipped_future == 2 and len(plan.messages) == 2
-    labels, rejected = ev.decode_labels([("l", 0, i, m.key, m.value) for i, m in enumerate(plan.messages)])
+    labels, rejected = codec.decode_labels([("l", 0, i, m.key, m.value) for i, m in enumerate(plan.messages)])
     assert not rejected and list(labels["is_fraud"]) == [0, 1]
     pay_ms = f["timestamp"].iloc[0].value // 10**6
     assert plan.messages[0].timestamp_ms == pay_ms + 7 * 86_400_000
@@ -98,7 +102,7 @@ def test_attach_labels_sorts_and_dedups():
     f = _frame().iloc[::-1]
     f = pd.concat([f, f.iloc[:1]])
     labels = pd.DataFrame({"transaction_id": ["1"], "is_fraud": np.array([1], dtype=np.int8), "labelled_at_s": [0.0]})
-    out = ev.attach_labels(f.drop(columns=["is_fraud"]), labels)
+    out = events.attach_labels(f.drop(columns=["is_fraud"]), labels)
     assert list(out["transaction_id"]) == ["0", "1", "2", "3", "4"]
     assert list(out["is_fraud"]) == [-1, 1, -1, -1, -1]
 
@@ -107,13 +111,13 @@ def test_window_from_frame_hides_labels_not_yet_arrived(tmp_path):
     f = _frame()
     start = pd.Timestamp("2018-08-01 01:00").value / 1e9
     end = pd.Timestamp("2018-08-08 02:30").value / 1e9
-    w = ev.window_from_frame(f, start, end, 7, now=NOW)
+    w = events.window_from_frame(f, start, end, 7, now=NOW)
     assert list(w.payments["transaction_id"]) == ["1", "2", "3", "4"]
     assert list(w.payments["is_fraud"]) == [1, 0, -1, -1]  # 03:00 and 04:00 labels arrive after end
     path = tmp_path / "p.parquet"
     f.to_parquet(path)
-    src = ev.FileEventSource(path)
-    assert src.read_window(start, end, 7).events_consumed == 4
+    src = FileEventSource(path, label_delay_days=7)
+    assert src.read_window(start, end).events_consumed == 4
 
 
 def test_handbook_file_columns_are_normalised(tmp_path):
@@ -121,12 +125,12 @@ def test_handbook_file_columns_are_normalised(tmp_path):
                        "CUSTOMER_ID": [5, 6], "TERMINAL_ID": [7, 8], "TX_AMOUNT": [1.5, 0.0], "TX_FRAUD": [0, 1]})
     path = tmp_path / "hb.parquet"
     hb.to_parquet(path)
-    out = ev.read_payments_file(path)
+    out = read_payments_file(path)
     assert list(out["transaction_id"]) == ["1", "2"] and out["amount"].dtype == np.float64
     bad = tmp_path / "bad.parquet"
     pd.DataFrame({"x": [1]}).to_parquet(bad)
-    with pytest.raises(ev.EventError):
-        ev.read_payments_file(bad)
+    with pytest.raises(PaymentsFileError):
+        read_payments_file(bad)
 
 
 @settings(max_examples=60, deadline=None)
@@ -138,14 +142,15 @@ def test_handbook_file_columns_are_normalised(tmp_path):
 def test_valid_events_roundtrip(tx, amount, secs):
     f = pd.DataFrame({"transaction_id": [tx], "customer_id": ["c"], "terminal_id": ["t"], "amount": [amount],
                       "timestamp": np.array([secs * 10**9], dtype="datetime64[ns]")})
-    out = ev.decode_payments(_msgs(f), now=NOW)
+    out = codec.decode_payments(_msgs(f), now=NOW)
     assert not out.rejected
     assert out.frame["transaction_id"][0] == tx and out.frame["amount"][0] == amount
 
 
 def test_dead_letter_keeps_original_bytes():
-    r = ev.Rejected("fs.payments", 2, 7, b"key", b"value", "amount: must be finite")
+    r = events.Rejected("fs.payments", 2, 7, b"key", b"value", "amount: must be finite")
     dl = events_pb2.DeadLetter()
-    dl.ParseFromString(ev.dead_letter_value(r, "nightly", now=NOW))
-    assert (dl.source_topic, dl.partition, dl.offset, dl.key, dl.value, dl.job) == ("fs.payments", 2, 7, b"key", b"value", "nightly")
+    dl.ParseFromString(codec.dead_letter_value(r, "nightly", now=NOW))
+    assert (dl.source_topic, dl.partition, dl.offset, dl.key, dl.value, dl.job) == (
+        "fs.payments", 2, 7, b"key", b"value", "nightly")
     assert dl.reason == "amount: must be finite" and dl.rejected_at.seconds == int(NOW)

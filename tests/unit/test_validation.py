@@ -1,10 +1,18 @@
 import math
 
+import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scoring_service.core.validation import MAX_ID_LEN, ValidationError, validate_payment
+from scoring_service.core.validation import (
+    MAX_CLOCK_SKEW_S,
+    MAX_ID_LEN,
+    MIN_TIMESTAMP,
+    ValidationError,
+    validate_payment,
+    validation_reasons,
+)
 
 NOW = 1_790_000_000.0
 
@@ -66,3 +74,57 @@ def test_amount_rule_holds_for_every_float(amount):
     else:
         with pytest.raises(ValidationError):
             _ok(amount=amount)
+
+
+# ---- the scalar (online) and the vectorised (batch) forms of the rules agree
+BASE = dict(transaction_id="t1", customer_id="c1", terminal_id="m1", amount=10.0, timestamp=NOW - 5)
+RULE_CASES = [  # (overrides of BASE, the field reported; None = valid)
+    ({}, None),
+    ({"amount": 0.0}, None),  # a card verification
+    ({"amount": -0.01}, "amount"),
+    ({"amount": math.nan}, "amount"),
+    ({"amount": math.inf}, "amount"),
+    ({"amount": -math.inf}, "amount"),
+    ({"transaction_id": ""}, "transaction_id"),
+    ({"customer_id": "c" * (MAX_ID_LEN + 1)}, "customer_id"),
+    ({"customer_id": "c" * MAX_ID_LEN}, None),
+    ({"terminal_id": " m1"}, "terminal_id"),
+    ({"terminal_id": "m1 "}, "terminal_id"),
+    ({"transaction_id": "t\n1"}, "transaction_id"),
+    ({"customer_id": "c 1"}, None),  # inner spaces are printable
+    ({"timestamp": 100.0}, "timestamp"),
+    ({"timestamp": MIN_TIMESTAMP - 1}, "timestamp"),
+    ({"timestamp": MIN_TIMESTAMP}, None),
+    ({"timestamp": NOW + MAX_CLOCK_SKEW_S}, None),
+    ({"timestamp": NOW + MAX_CLOCK_SKEW_S + 1}, "timestamp"),
+    ({"customer_id": "", "amount": -1.0, "timestamp": 0.0}, "customer_id"),  # the first failing rule wins
+    ({"amount": math.nan, "timestamp": 0.0}, "amount"),
+]
+
+
+def _scalar_reason(row: dict) -> str:
+    try:
+        _ok(**row, prefix="")
+    except ValidationError as exc:
+        return str(exc).split(", got ")[0]  # the scalar form also quotes the value
+    return ""
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame({"transaction_id": [r["transaction_id"] for r in rows], "customer_id": [r["customer_id"] for r in rows],
+                         "terminal_id": [r["terminal_id"] for r in rows], "amount": [r["amount"] for r in rows],
+                         "ts_s": [r["timestamp"] for r in rows]})
+
+
+@pytest.mark.parametrize(("over", "field"), RULE_CASES)
+def test_scalar_and_vectorised_rules_agree(over, field):
+    row = {**BASE, **over}
+    scalar = _scalar_reason(row)
+    vectorised = validation_reasons(_frame([row]), now=NOW)[0]
+    assert scalar == vectorised
+    assert (scalar.split(":")[0] if scalar else None) == field
+
+
+def test_vectorised_rules_judge_each_row_on_its_own():
+    rows = [{**BASE, **over} for over, _ in RULE_CASES]
+    assert list(validation_reasons(_frame(rows), now=NOW)) == [_scalar_reason(r) for r in rows]

@@ -1,4 +1,4 @@
-"""The confluent-kafka adapter: topics, a batching producer, windowed readers, dead letters.
+"""The confluent-kafka adapter: topics, a batching producer, windowed readers, publishing a frame.
 
 * Topics are created with ``retention.ms=-1``: events keep their real (possibly years-old)
   timestamps and the default 7-day retention would delete them.
@@ -13,12 +13,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import pandas as pd
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from scoring_service.adapters.kafka.codec import Outgoing, RawMessage, label_messages, payment_messages
+from scoring_service.core.events import EventSourceError
+from scoring_service.core.features import LABEL_DELAY_DAYS
 from scoring_service.logging import get_logger
 
 log = get_logger(__name__)
@@ -26,7 +31,7 @@ log = get_logger(__name__)
 DEFAULT_PARTITIONS = 4
 
 
-class KafkaUnavailable(RuntimeError):
+class KafkaUnavailable(EventSourceError):
     """The brokers cannot be reached (or do not answer) within the timeout."""
 
 
@@ -42,7 +47,7 @@ class PartitionRange:
         return max(0, self.end - self.start)
 
 
-def _common(bootstrap: str) -> dict[str, object]:
+def _common(bootstrap: str) -> dict[str, Any]:
     return {"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 5000,
             "reconnect.backoff.max.ms": 2000}
 
@@ -73,7 +78,7 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = DEFAU
            for t in topics if t not in existing]
     if not new:
         return
-    for topic, fut in a.create_topics(new, operation_timeout=timeout).items():
+    for _topic, fut in a.create_topics(new, operation_timeout=timeout).items():
         try:
             fut.result(timeout)
         except KafkaException as exc:
@@ -102,7 +107,7 @@ class EventProducer:
     """A batching producer (linger, large batches, lz4); raises on the first delivery failure."""
 
     def __init__(self, bootstrap: str, *, linger_ms: int = 50, batch_bytes: int = 1_000_000,
-                 extra: dict[str, object] | None = None) -> None:
+                 extra: dict[str, Any] | None = None) -> None:
         conf = {
             **_common(bootstrap),
             "linger.ms": linger_ms,
@@ -129,7 +134,7 @@ class EventProducer:
 
     def produce(self, topic: str, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None,
                 partition: int | None = None) -> None:
-        kwargs: dict[str, object] = {"on_delivery": self._on_delivery}
+        kwargs: dict[str, Any] = {"on_delivery": self._on_delivery}
         if timestamp_ms is not None:
             kwargs["timestamp"] = int(timestamp_ms)
         if partition is not None:
@@ -143,12 +148,12 @@ class EventProducer:
         if self.errors:
             raise KafkaException(f"delivery to {topic} failed: {self.errors[0]}")
 
-    def produce_many(self, topic: str, messages: Iterable[object], progress: Callable[[int], None] | None = None,
+    def produce_many(self, topic: str, messages: Iterable[Outgoing], progress: Callable[[int], None] | None = None,
                      every: int = 10_000) -> int:
-        """Messages with ``key``, ``value``, ``timestamp_ms`` attributes; returns how many."""
+        """Produce every message (key, value, timestamp); returns how many."""
         n = 0
         for m in messages:
-            self.produce(topic, m.value, m.key, m.timestamp_ms)  # type: ignore[attr-defined]
+            self.produce(topic, m.value, m.key, m.timestamp_ms)
             n += 1
             if n % every == 0:
                 self._p.poll(0)
@@ -167,7 +172,7 @@ class EventProducer:
 
 
 # ---------------------------------------------------------------------------------------- consume
-def _consumer(bootstrap: str, group_id: str, **extra: object) -> Consumer:
+def _consumer(bootstrap: str, group_id: str, **extra: Any) -> Consumer:
     return Consumer({
         **_common(bootstrap),
         "group.id": group_id,
@@ -195,7 +200,7 @@ def resolve_window(bootstrap: str, topic: str, start_ms: int | None, end_ms: int
             if ts_ms is None:
                 return {p: (lows_highs[p][1] if default_high else lows_highs[p][0]) for p in parts}
             found = c.offsets_for_times([TopicPartition(topic, p, int(ts_ms)) for p in parts], timeout=timeout)
-            out = {}
+            out: dict[int, int] = {}
             for tp in found:
                 if tp.error is not None:
                     raise KafkaException(tp.error)
@@ -209,19 +214,9 @@ def resolve_window(bootstrap: str, topic: str, start_ms: int | None, end_ms: int
     return [PartitionRange(topic, p, starts[p], max(starts[p], ends[p])) for p in parts]
 
 
-def parse_offset_spec(spec: str) -> tuple[int, int] | None:
-    """``partition:offset`` -> (partition, offset); None when it is not of that form."""
-    if ":" not in spec:
-        return None
-    p, _, o = spec.partition(":")
-    if p.isdigit() and o.lstrip("-").isdigit():
-        return int(p), int(o)
-    return None
-
-
 def read_ranges(bootstrap: str, ranges: list[PartitionRange], group_id: str, *, commit: bool = True,
                 progress: Callable[[int], None] | None = None, batch: int = 10_000,
-                timeout: float = 30.0) -> Iterator[tuple[str, int, int, bytes | None, bytes | None]]:
+                timeout: float = 30.0) -> Iterator[RawMessage]:
     """Every message in ``ranges`` as (topic, partition, offset, key, value); stops at the ends.
 
     Partitions are assigned explicitly (the run's plan decides who reads what); the consumer is
@@ -252,11 +247,11 @@ def read_ranges(bootstrap: str, ranges: list[PartitionRange], group_id: str, *, 
                     if err.code() == KafkaError._PARTITION_EOF:
                         continue
                     raise KafkaException(err)
-                k = (m.topic(), m.partition())
+                k = (str(m.topic()), int(m.partition() or 0))
                 r = todo.get(k)
                 if r is None:
                     continue
-                off = m.offset()
+                off = int(m.offset() or 0)
                 if off >= r.end:
                     done.append(k)
                     continue
@@ -276,31 +271,6 @@ def read_ranges(bootstrap: str, ranges: list[PartitionRange], group_id: str, *, 
         c.close()
 
 
-# ---------------------------------------------------------------------------------------- dead letters
-class DeadLetterProducer:
-    """Sends rejected messages to ``<prefix>.dead-letter`` (key = original key)."""
-
-    def __init__(self, bootstrap: str, topic: str, job: str) -> None:
-        self._p = EventProducer(bootstrap, linger_ms=20)
-        self.topic = topic
-        self.job = job
-        self.sent = 0
-
-    def send(self, rejected: Iterable[object]) -> int:
-        from scoring_service.batch.events import dead_letter_value
-
-        now = time.time()
-        n = 0
-        for r in rejected:
-            self._p.produce(self.topic, dead_letter_value(r, self.job, now), r.key)  # type: ignore[attr-defined]
-            n += 1
-        self.sent += n
-        return n
-
-    def flush(self) -> None:
-        self._p.flush(60)
-
-
 def end_offsets(bootstrap: str, topic: str, timeout: float = 10.0) -> dict[int, int]:
     c = _consumer(bootstrap, "fraudscore-watermarks")
     try:
@@ -310,10 +280,28 @@ def end_offsets(bootstrap: str, topic: str, timeout: float = 10.0) -> dict[int, 
         c.close()
 
 
+def newest_timestamp_before(bootstrap: str, topic: str, offsets: Mapping[int, int], timeout: float = 10.0) -> float | None:
+    """The newest message timestamp (epoch seconds) just before the given end offsets; None if none."""
+    c = _consumer(bootstrap, "fraudscore-replay-probe")
+    newest: float | None = None
+    try:
+        for p, o in offsets.items():
+            if o <= 0:
+                continue
+            c.assign([TopicPartition(topic, p, o - 1)])
+            m = c.poll(timeout)
+            if m is not None and m.error() is None:
+                ts = m.timestamp()[1] / 1000.0
+                newest = ts if newest is None else max(newest, ts)
+    finally:
+        c.close()
+    return newest
+
+
 __all__ = [
-    "OFFSET_END", "DeadLetterProducer", "EventProducer", "KafkaUnavailable", "PartitionRange",
-    "check_reachable", "ensure_topics", "end_offsets", "parse_offset_spec", "partitions_of",
-    "read_ranges", "resolve_window",
+    "OFFSET_END", "EventProducer", "KafkaUnavailable", "PartitionRange",
+    "check_reachable", "ensure_topics", "end_offsets", "newest_timestamp_before", "partitions_of",
+    "publish_frame", "read_ranges", "resolve_window",
 ]
 
 
@@ -330,19 +318,17 @@ class PublishStats:
         return (self.payments + self.labels) / self.seconds if self.seconds > 0 else float("inf")
 
 
-def publish_frame(bootstrap: str, payments_topic: str, labels_topic: str, payments: object, *,
-                  label_delay_days: float = 7.0, partitions: int = DEFAULT_PARTITIONS,
+def publish_frame(bootstrap: str, payments_topic: str, labels_topic: str, payments: pd.DataFrame, *,
+                  label_delay_days: float = LABEL_DELAY_DAYS, partitions: int = DEFAULT_PARTITIONS,
                   progress: Callable[[int], None] | None = None) -> PublishStats:
     """Publish a normalised payments frame: payments stamped with their own time, then labels
     stamped payment time + delay (those that would be in the future are skipped and counted)."""
-    from scoring_service.batch import events as ev
-
     check_reachable(bootstrap)
     ensure_topics(bootstrap, [payments_topic, labels_topic], partitions=partitions)
     started = time.perf_counter()
     prod = EventProducer(bootstrap)
-    n_pay = prod.produce_many(payments_topic, ev.payment_messages(payments), progress)  # type: ignore[arg-type]
-    plan = ev.label_messages(payments, label_delay_days)  # type: ignore[arg-type]
+    n_pay = prod.produce_many(payments_topic, payment_messages(payments), progress)
+    plan = label_messages(payments, label_delay_days)
     n_lab = prod.produce_many(labels_topic, plan.messages, progress)
     prod.flush()
     return PublishStats(n_pay, n_lab, plan.skipped_future, time.perf_counter() - started)

@@ -40,7 +40,7 @@ def handbook_slice() -> pd.DataFrame:
 
         from scoring_service.training.simulator import simulate
 
-        warnings.warn("handbook parquet not found (FRAUDSCORE_HANDBOOK): batch tests use simulated payments")
+        warnings.warn("handbook parquet not found (FRAUDSCORE_HANDBOOK): batch tests use simulated payments", stacklevel=2)
         raw = simulate(n_customers=MAX_CUSTOMER, n_terminals=2000, start_date="2018-04-01", n_days=137, seed=5)
         raw = raw[(raw["TX_DATETIME"] >= pd.Timestamp(SLICE_START)) & (raw["TX_DATETIME"] < pd.Timestamp(AS_OF))]
         return normalise_handbook(raw.reset_index(drop=True))
@@ -67,13 +67,14 @@ def generation_contents(r, model: str, gen: str) -> dict[str, dict]:  # type: ig
 @pytest.fixture(scope="session")
 def batch_env(tmp_path_factory: pytest.TempPathFactory, handbook_slice: pd.DataFrame) -> dict[str, str]:
     """A data dir (SQLite registry) with a small trained model active; env for CLI subprocesses."""
+    from scoring_service import bootstrap
     from scoring_service.config import Settings
-    from scoring_service.training.lifecycle import open_registry, train_and_register
+    from scoring_service.training.registration import train_and_register
 
     data_dir = tmp_path_factory.mktemp("batch-data")
     settings = Settings(data_dir=data_dir)
-    registry = open_registry(settings)
-    train_and_register(settings, registry, payments=handbook_slice, activate=True, description="batch tests")
+    registry = bootstrap.registry(settings)
+    train_and_register(registry, settings.models_dir, payments=handbook_slice, activate=True, description="batch tests")
     return {"FRAUDSCORE_DATA_DIR": str(data_dir), "OMP_WAIT_POLICY": "PASSIVE", "FRAUDSCORE_LOG_FORMAT": "json"}
 
 

@@ -16,13 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from scoring_service.adapters.kafka import kafka_io
-
 from scoring_service.adapters.redis import cache_writer
-from scoring_service.batch.pipeline import run_nightly
-from scoring_service.core.cache_layout import CacheEntry, active_generation_key, entity_key, generation_pattern
 from scoring_service.adapters.sql.db import BatchOffset, BatchRun, make_engine
+from scoring_service.bootstrap import run_nightly
+from scoring_service.core.cache_layout import CacheEntry, active_generation_key, entity_key, generation_pattern
 from scoring_service.protos import events_pb2
-from tests.integration.batch.conftest import AS_OF, generation_contents, cli_env, settings_for
+from tests.integration.batch.conftest import AS_OF, cli_env, generation_contents, settings_for
 from tests.servers.common import REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -73,7 +72,8 @@ def test_nightly_fills_cache_and_is_idempotent(kafka_bootstrap, published, batch
     # same window again: same contents under a new generation, then switched to it
     second = run_nightly(settings, as_of=AS_OF_S, show_progress=False)
     assert second.generation != first.generation and second.previous_generation == first.generation
-    assert generation_contents(r, first.model_version, first.generation) == generation_contents(r, second.model_version, second.generation)
+    assert (generation_contents(r, first.model_version, first.generation)
+            == generation_contents(r, second.model_version, second.generation))
 
 
 def test_two_workers_split_partitions(kafka_bootstrap, published, batch_env, redis_url):
@@ -100,7 +100,8 @@ def test_poison_events_are_dead_lettered_and_counted(kafka_bootstrap, batch_env,
         (b"not a protobuf \xff\xff\xff", "undecodable"),
         (events_pb2.PaymentEvent(transaction_id="x1", customer_id="", terminal_id="t", amount=1.0).SerializeToString(), None),
         (events_pb2.PaymentEvent(transaction_id="x2", customer_id="c", terminal_id="t", amount=-5.0).SerializeToString(), None),
-        (events_pb2.PaymentEvent(transaction_id="x3", customer_id="c" * 200, terminal_id="t", amount=float("nan")).SerializeToString(), None),
+        (events_pb2.PaymentEvent(transaction_id="x3", customer_id="c" * 200, terminal_id="t",
+                                 amount=float("nan")).SerializeToString(), None),
     ]
     for i, (value, _) in enumerate(bad):
         if i > 0:  # give the proto events a timestamp inside the window
@@ -149,8 +150,8 @@ def test_killed_run_leaves_previous_generation_then_rerun_completes(kafka_bootst
     assert r.get(akey).decode() == base.generation
 
     env = cli_env(batch_env, kafka_bootstrap, published, redis_url)
-    env["FRAUDSCORE_TEST_WRITE_DELAY_S"] = "0.2"
-    proc = subprocess.Popen([sys.executable, "-m", "scoring_service.cli", "nightly", "--as-of", AS_OF],
+    # nightly with an injected slow cache writer (200 keys, then a pause): a run to kill part-way through its writes
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.batch.slow_nightly", AS_OF],
                             env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 180

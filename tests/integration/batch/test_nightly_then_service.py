@@ -8,7 +8,7 @@ import grpc
 import pandas as pd
 import pytest
 
-from scoring_service.batch.pipeline import run_nightly
+from scoring_service.bootstrap import run_nightly
 from scoring_service.protos import scoring_pb2
 from tests.integration.batch.conftest import AS_OF, settings_for
 from tests.servers.scorer import ScorerProcess

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-
 import pandas as pd
 import pytest
 import redis
 
 from scoring_service.adapters.kafka import kafka_io
-from scoring_service.batch.pipeline import BatchError, rebuild_cache, run_nightly
-from scoring_service.batch.replay import card_precision_per_day, parse_bound, replay_cache, summarise
+from scoring_service.batch.pipeline import BatchError
+from scoring_service.batch.replay import card_precision_per_day, parse_bound, summarise
+from scoring_service.bootstrap import rebuild_cache, replay_cache, run_nightly
 from scoring_service.core.cache_layout import active_generation_key
 from tests.integration.batch.conftest import AS_OF, generation_contents, settings_for
 
@@ -42,7 +42,8 @@ def test_file_source_and_in_memory_rebuild_match(batch_env, redis_url, handbook_
     in_memory = rebuild_cache(handbook_slice, AS_OF, settings)
     r = redis.Redis.from_url(redis_url)
     assert from_file.keys_written > 0
-    assert generation_contents(r, from_file.model_version, from_file.generation) == generation_contents(r, in_memory.model_version, in_memory.generation)
+    assert (generation_contents(r, from_file.model_version, from_file.generation)
+            == generation_contents(r, in_memory.model_version, in_memory.generation))
     with pytest.raises(BatchError, match="no event source"):
         run_nightly(settings, as_of=AS_OF_S, show_progress=False)
 
