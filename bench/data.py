@@ -31,11 +31,12 @@ class Traffic:
 
 
 def load_traffic(path: Path | None = None) -> Traffic:
+    from scoring_service.adapters.files.payments_file import read_payments_file
     from scoring_service.core import features as F
 
     path = path or HANDBOOK
     if path.is_file():
-        payments = F.load_payments(path)
+        payments = read_payments_file(path)
         source = str(path)
     else:  # no handbook file: the project's simulator, same columns
         from scoring_service.training.simulator import simulate

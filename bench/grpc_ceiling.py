@@ -38,8 +38,8 @@ async def _serve(listen: str) -> None:
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+    from scoring_service.online.runtime import until_signalled
     from scoring_service.protos import scoring_pb2_grpc
-    from scoring_service.online.server import until_signalled
 
     answer = _response()
 
@@ -60,7 +60,7 @@ async def _serve(listen: str) -> None:
 
 
 def _worker(listen: str) -> None:
-    from scoring_service.cli import run_event_loop
+    from scoring_service.online.runtime import run_event_loop
 
     run_event_loop(_serve(listen))
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     procs = [ctx.Process(target=_worker, args=(args.listen,), name=f"ceiling-{i}") for i in range(args.workers)]
     for p in procs:
         p.start()
-    from scoring_service.cli import join_workers
+    from scoring_service.online.runtime import join_workers
 
     return 0 if all(code == 0 for code in join_workers(procs)) else 1
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import pool
 
-from scoring_service.config import load_settings
 from scoring_service.adapters.sql.db import Base, make_engine
+from scoring_service.config import load_settings
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or load_settings().resolved_database_url()

@@ -7,27 +7,19 @@ given, and payment events read from a local file when no Kafka is configured.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scoring_service.online.options import ReasonMethod, ScoringMode
 
-class ScoringMode(StrEnum):
-    CACHE_FIRST = "cache-first"
-    ALWAYS_MODEL = "always-model"
-
-
-class ReasonMethod(StrEnum):
-    EXACT = "exact"
-    EXACT_WHEN_FLAGGED = "exact-when-flagged"
-    APPROX = "approx"
+__all__ = ["ReasonMethod", "ScoringMode", "Settings", "load_settings"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FRAUDSCORE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="FRAUDSCORE_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Field(Path("var"), description="Where the SQLite file, models and embedded Redis live.")
     database_url: str | None = Field(
@@ -42,6 +34,9 @@ class Settings(BaseSettings):
         None,
         validation_alias=AliasChoices("FRAUDSCORE_KAFKA_BOOTSTRAP", "KAFKA_BOOTSTRAP_SERVERS"),
         description="Kafka bootstrap servers; unset = events from a local file.",
+    )
+    events_file: Path | None = Field(
+        None, description="Parquet file of payments the batch jobs read when no Kafka is configured (--source)."
     )
     kafka_topic_prefix: str = Field("fraudscore", description="Topics: <prefix>.payments, .labels, .dead-letter.")
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address.")
@@ -96,6 +91,6 @@ class Settings(BaseSettings):
         return f"{self.kafka_topic_prefix}.{name}"
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment, with explicit (non-None) overrides from CLI flags on top."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
 _ROOT = Path(__file__).resolve().parent
 _PROTO_DIR = _ROOT.parent / "protos"
@@ -70,9 +71,10 @@ if str(_OUT) not in sys.path:
     # The generated modules import each other as ``fraudscore.v1.*``.
     sys.path.insert(0, str(_OUT))
 
-scoring_pb2 = importlib.import_module("fraudscore.v1.scoring_pb2")
-scoring_pb2_grpc = importlib.import_module("fraudscore.v1.scoring_pb2_grpc")
-events_pb2 = importlib.import_module("fraudscore.v1.events_pb2")
+# Typed as Any: the stubs are generated at first import, so type checkers cannot see their classes.
+scoring_pb2: Any = importlib.import_module("fraudscore.v1.scoring_pb2")
+scoring_pb2_grpc: Any = importlib.import_module("fraudscore.v1.scoring_pb2_grpc")
+events_pb2: Any = importlib.import_module("fraudscore.v1.events_pb2")
 
 __all__ = ["events_pb2", "generate", "scoring_pb2", "scoring_pb2_grpc"]
 

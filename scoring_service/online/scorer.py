@@ -26,21 +26,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scoring_service.core import features
-from scoring_service.online.batcher import MicroBatcher, Overloaded
-from scoring_service.adapters.redis.entity_cache import CUSTOMER, CacheEntry, CacheUnavailable, EntityCache
-from scoring_service.config import ReasonMethod, ScoringMode, Settings
-from scoring_service.logging import get_logger
 from scoring_service.adapters.model.gbdt import GbdtModel
-from scoring_service.core.policy import Policy, Reason, combine_entities
+from scoring_service.adapters.redis.entity_cache import CUSTOMER, CacheEntry, CacheUnavailable, EntityCache
 from scoring_service.adapters.sql.registry import ModelRecord
+from scoring_service.core import features
+from scoring_service.core.policy import Policy, Reason, combine_entities
 from scoring_service.core.validation import Payment
+from scoring_service.logging import get_logger
+from scoring_service.online.batcher import MicroBatcher, Overloaded
+from scoring_service.online.options import ModelOptions, ReasonMethod, ScoringMode
 
 log = get_logger(__name__)
 
 CACHE, MODEL, FALLBACK = "CACHE", "MODEL", "FALLBACK"
 # Time kept back from the budget for encoding the answer and the network.
 _ANSWER_MARGIN_S = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class NoModelLoaded(RuntimeError):
+    """No model version is serving yet (start-up, or every version was refused): UNAVAILABLE."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,50 +75,52 @@ class ServingModel:
         return self.record.version
 
     @classmethod
-    def load(cls, record: ModelRecord, settings: Settings, executor: ThreadPoolExecutor) -> ServingModel:
+    def load(cls, record: ModelRecord, options: ModelOptions, executor: ThreadPoolExecutor) -> ServingModel:
         model = GbdtModel.load(
             record.artifact_path,
             record.framework,
             record.feature_names,
             expected_sha256=record.sha256,
-            device=settings.device,
-            nthread=settings.model_threads,
-            forest_max_rows=settings.forest_max_rows,
+            device=options.device,
+            nthread=options.threads,
+            forest_max_rows=options.forest_max_rows,
         )
         top_k = 3
         exact_from = {
             ReasonMethod.EXACT: None,
             ReasonMethod.EXACT_WHEN_FLAGGED: float(record.thresholds["review"]),
             ReasonMethod.APPROX: float("inf"),
-        }[settings.reasons]
+        }[options.reasons]
 
         def score_rows(x: np.ndarray) -> tuple[np.ndarray, list[list[Reason]]]:
             return model.predict_and_explain(x, top_k=top_k, exact_from=exact_from)
 
         batcher = MicroBatcher(
             score_rows,
-            max_size=settings.batch_max_size,
-            max_wait_s=settings.batch_max_wait_ms / 1000.0,
+            max_size=options.batch_max_size,
+            max_wait_s=options.batch_max_wait_ms / 1000.0,
             executor=executor,
             # NumPy batches run on the event loop (no thread hop); so does the TreeSHAP call for the
             # rare flagged rows among them (~0.3 ms). TreeSHAP for every row, big batches and
             # LightGBM stay in the model thread.
-            inline_max_rows=0 if exact_from is None else min(settings.batch_inline_max_rows, model.forest_max_rows),
+            inline_max_rows=0 if exact_from is None else min(options.batch_inline_max_rows, model.forest_max_rows),
         )
         return cls(record=record, model=model, policy=Policy.of(record.thresholds, record.policy), batcher=batcher, top_k=top_k)
 
 
 class Scorer:
-    def __init__(self, settings: Settings, cache: EntityCache | None) -> None:
-        self.settings = settings
+    """The Score use case over one cache (None: none configured) in one mode; ``serving`` is swapped whole."""
+
+    def __init__(self, cache: EntityCache | None, mode: ScoringMode = ScoringMode.CACHE_FIRST) -> None:
         self.cache = cache
+        self.mode = mode
         self.serving: ServingModel | None = None
 
     async def score(self, payment: Payment, deadline: float) -> ScoreResult:
         """Score one payment; ``deadline`` is a ``time.monotonic()`` instant."""
         serving = self.serving
         if serving is None:
-            raise RuntimeError("no model loaded")
+            raise NoModelLoaded("no model loaded yet")
         version = serving.version
         degraded = False
         customer = terminal = None
@@ -128,7 +135,7 @@ class Scorer:
         else:
             degraded = True
 
-        if customer is not None and self.settings.mode is ScoringMode.CACHE_FIRST:
+        if customer is not None and self.mode is ScoringMode.CACHE_FIRST:
             return self._from_cache(serving, payment, customer, terminal, degraded)
         return await self._from_model(serving, payment, customer, terminal, deadline, degraded)
 

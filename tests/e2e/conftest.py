@@ -8,9 +8,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from scoring_service.config import Settings
-from scoring_service.training.lifecycle import open_registry, train_and_register
 from scoring_service.adapters.sql.registry import ModelRecord
+from scoring_service.bootstrap import registry as open_registry
+from scoring_service.config import Settings
+from scoring_service.training.registration import train_and_register
 from tests.servers.redis import RedisServer
 from tests.servers.scorer import ScorerProcess
 
@@ -23,7 +24,7 @@ def model_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("fs-e2e")
     settings = Settings(data_dir=data_dir)
     payments = simulate(n_customers=400, n_terminals=800, start_date="2018-04-01", n_days=50, seed=11)
-    train_and_register(settings, open_registry(settings), payments=payments, activate=True, description="e2e")
+    train_and_register(open_registry(settings), settings.models_dir, payments=payments, activate=True, description="e2e")
     return data_dir
 
 

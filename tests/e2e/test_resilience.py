@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from scoring_service.bootstrap import registry as open_registry
 from scoring_service.config import Settings
-from scoring_service.training.lifecycle import open_registry
 from scoring_service.protos import scoring_pb2
 from tests.e2e.test_score_grpc import new_customer, request, score_until_cached
 from tests.servers.scorer import ScorerProcess

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from scoring_service.core import features
-from scoring_service.online.batcher import MicroBatcher
 from scoring_service.adapters.redis.entity_cache import CacheUnavailable
+from scoring_service.core import features
 from scoring_service.core.cache_layout import CacheEntry
-from scoring_service.config import ScoringMode, Settings
 from scoring_service.core.policy import Policy
-from scoring_service.online.scorer import CACHE, FALLBACK, MODEL, Scorer, ServingModel
 from scoring_service.core.validation import Payment
+from scoring_service.online.batcher import MicroBatcher
+from scoring_service.online.options import ScoringMode
+from scoring_service.online.scorer import CACHE, FALLBACK, MODEL, Scorer, ServingModel
 
 POLICY = Policy(review=0.3, decline=0.7, high_amount=220.0, amount_ratio_review=3.0, amount_ratio_decline=5.0)
 PAYMENT = Payment("t1", "c1", "m1", 30.0, "EUR", time.time())
@@ -69,7 +69,7 @@ def _run(scorer, payment=PAYMENT, budget_s=0.1):
 
 
 def _scorer(cache, mode=ScoringMode.CACHE_FIRST, **serving):
-    s = Scorer(Settings(mode=mode), cache)
+    s = Scorer(cache, mode)
     s.serving = _serving(**serving)
     return s
 

@@ -1,0 +1,123 @@
+"""``fraudscore train``, ``fraudscore model ...`` and ``fraudscore db upgrade``: models and their registry."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from scoring_service import bootstrap
+from scoring_service.cli.common import cli_settings, console, fail
+
+model_app = typer.Typer(help="The model registry: list, activate, shadow, retire model versions.", no_args_is_help=True)
+db_app = typer.Typer(help="The SQL database (model registry, batch runs, audit).", no_args_is_help=True)
+
+
+def train(
+    data: Annotated[Path | None, typer.Option(help="Handbook-format Parquet file of payments.")] = None,
+    framework: Annotated[str, typer.Option(help="xgboost or lightgbm.")] = "xgboost",
+    activate: Annotated[bool, typer.Option(help="Activate the new version once registered.")] = True,
+    simulated: Annotated[bool, typer.Option(help="Train on simulated payments instead of --data.")] = False,
+) -> None:
+    """Train on the handbook protocol, print the test-week metrics, register the model."""
+    settings = cli_settings()
+    if framework not in ("xgboost", "lightgbm"):
+        fail(f"--framework must be xgboost or lightgbm, got {framework!r}")
+    if data is None and not simulated:
+        fail("give --data PARQUET (the handbook file) or --simulated")
+    if data is not None and not data.is_file():
+        fail(f"no such file: {data}")
+    from scoring_service.training.demo import demo_payments
+    from scoring_service.training.registration import train_and_register
+
+    started = time.monotonic()
+    record, result = train_and_register(
+        bootstrap.registry(settings), settings.models_dir, framework=framework, activate=activate, data=data,
+        payments=demo_payments() if simulated else None, description=f"trained on {data or 'simulated payments'}",
+    )
+    table = Table(title=f"model {record.version} ({record.framework}, status {record.status})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in result.metrics.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    table.add_row("thresholds", json.dumps(result.thresholds))
+    table.add_row("train seconds", f"{time.monotonic() - started:.1f}")
+    console.print(table)
+    print(json.dumps({"version": record.version, "metrics": result.metrics, "thresholds": result.thresholds}))
+
+
+@model_app.command("list")
+def model_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List registered model versions."""
+    records = bootstrap.registry(cli_settings()).list()
+    if as_json:
+        print(json.dumps([
+            {"version": r.version, "framework": r.framework, "status": r.status, "metrics": r.metrics,
+             "thresholds": r.thresholds, "sha256": r.sha256, "artifact_path": r.artifact_path}
+            for r in records
+        ], indent=2))
+        return
+    table = Table(title="model versions")
+    for col in ("version", "framework", "status", "AUC", "AP", "CP@100", "created"):
+        table.add_column(col)
+    for r in records:
+        m = r.metrics
+        table.add_row(r.version, r.framework, r.status, *(f"{m[k]:.3f}" if k in m else "-" for k in
+                      ("auc_roc", "average_precision", "card_precision_at_100")), f"{r.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
+def _set_status(status: str, version: str) -> None:
+    from scoring_service.adapters.model.gbdt import GbdtModel, ModelError
+    from scoring_service.adapters.sql.registry import RegistryError
+
+    registry = bootstrap.registry(cli_settings())
+    try:
+        if status == "active":
+            record = registry.get(version)
+            try:  # refuse to activate what the service would refuse to load
+                GbdtModel.load(record.artifact_path, record.framework, record.feature_names,
+                               expected_sha256=record.sha256, device="cpu")
+            except ModelError as exc:
+                fail(f"not activated: {exc}")
+            record = registry.activate(version)
+        else:
+            record = registry.set_status(version, status)
+    except RegistryError as exc:
+        fail(str(exc))
+    console.print(f"{record.version}: {record.status}")
+
+
+@model_app.command("activate")
+def model_activate(version: str) -> None:
+    """Make VERSION the active model (running services pick it up within seconds)."""
+    _set_status("active", version)
+
+
+@model_app.command("shadow")
+def model_shadow(version: str) -> None:
+    """Mark VERSION as shadow (registered, not serving)."""
+    _set_status("shadow", version)
+
+
+@model_app.command("retire")
+def model_retire(version: str) -> None:
+    """Retire VERSION."""
+    _set_status("retired", version)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the Alembic migrations (creates the schema on a new database)."""
+    bootstrap.sql_engine(cli_settings())
+    console.print("database at the newest migration")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(train)
+    app.add_typer(model_app, name="model")
+    app.add_typer(db_app, name="db")

@@ -1,0 +1,58 @@
+"""The online service's knobs as plain values: what the composition root hands the use case.
+
+Light on purpose (no NumPy, no gRPC): ``scoring_service.config`` builds its settings on these
+enums, and ``scoring_service.bootstrap`` turns the settings into these dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ScoringMode(StrEnum):
+    """``cache-first``: a cached customer is answered from the cache; ``always-model``: the model every time."""
+
+    CACHE_FIRST = "cache-first"
+    ALWAYS_MODEL = "always-model"
+
+
+class ReasonMethod(StrEnum):
+    """How model answers get their reason codes (see ``GbdtModel.predict_and_explain``)."""
+
+    EXACT = "exact"
+    EXACT_WHEN_FLAGGED = "exact-when-flagged"
+    APPROX = "approx"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelOptions:
+    """How a model version is loaded and fed: device, threads, reason method, micro-batching."""
+
+    device: str = "auto"
+    threads: int = 1
+    forest_max_rows: int = 128
+    reasons: ReasonMethod = ReasonMethod.EXACT_WHEN_FLAGGED
+    batch_max_size: int = 64
+    batch_max_wait_ms: float = 1.0
+    batch_inline_max_rows: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """What the gRPC servicer applies to each call."""
+
+    budget_ms: float = 100.0
+    default_currency: str = "EUR"
+    max_batch_request: int = 1000
+    log_sample_rate: float = 1.0  # share of answers logged; 0 = none
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """One server process: where it listens and how often it looks for a newly activated model."""
+
+    listen: str = "127.0.0.1:50051"
+    registry_poll_s: float = 2.0
+    generation_poll_s: float = 1.0
+    metrics_port: int | None = None
