@@ -17,8 +17,14 @@ install: deps
 run: install
 	$(UV) run --frozen fraudscore serve
 
-test: install
+test: install lint
 	$(UV) run --frozen pytest -p no:cacheprovider -ra $(PYTEST_ARGS)
+
+# ruff (rules in pyproject.toml) over the code, tests and benchmarks; mypy over scoring_service
+# (the core and the adapters fully typed).
+lint: install
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen mypy
 
 test-unit: install
 	$(UV) run --frozen pytest -p no:cacheprovider -ra tests/unit $(PYTEST_ARGS)

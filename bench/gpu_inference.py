@@ -103,17 +103,17 @@ def main(argv=None) -> int:
         entry = {"batch": b}
         for name, threads in (("cpu_1_thread", 1), (f"cpu_{ncpu}_threads", ncpu)):
             booster.set_param({"device": "cpu", "nthread": threads})
-            entry[name] = _rate(lambda: booster.inplace_predict(Xb), b, args.seconds)
+            entry[name] = _rate(lambda x=Xb: booster.inplace_predict(x), b, args.seconds)
         if gpu:
             booster.set_param({"device": "cuda"})
-            entry["gpu_numpy_input"] = _rate(lambda: booster.inplace_predict(Xb), b, args.seconds)
+            entry["gpu_numpy_input"] = _rate(lambda x=Xb: booster.inplace_predict(x), b, args.seconds)
             if cupy is not None:
                 import cupy as cp
 
                 Xg = cp.asarray(Xb)
 
-                def _run():
-                    booster.inplace_predict(Xg)
+                def _run(x=Xg):
+                    booster.inplace_predict(x)
                     cp.cuda.Stream.null.synchronize()
 
                 entry["gpu_cupy_input"] = _rate(_run, b, args.seconds)

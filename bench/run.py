@@ -112,8 +112,8 @@ def table(results: dict) -> str:
                          _fmt(r["server_cpu_s_per_1k"], 3), _fmt(r.get("redis_cpu_s_per_1k"), 3),
                          _fmt(r["loadgen_cpu_s_per_1k"], 3), srcs))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(hdr)]
-    out = [" | ".join(h.ljust(w) for h, w in zip(hdr, widths)), "-+-".join("-" * w for w in widths)]
-    out += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    out = [" | ".join(h.ljust(w) for h, w in zip(hdr, widths, strict=True)), "-+-".join("-" * w for w in widths)]
+    out += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(out)
 
 
