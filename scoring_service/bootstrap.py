@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from scoring_service.adapters.model.gbdt import GbdtModel, ModelError
 from scoring_service.adapters.redis.embedded import EmbeddedRedis, NoRedisError, resolve_redis_url
 from scoring_service.adapters.redis.entity_cache import CircuitBreaker, EntityCache
 from scoring_service.adapters.sql.db import Engine, make_engine, upgrade_schema
@@ -18,7 +19,7 @@ from scoring_service.adapters.sql.registry import ModelRecord, Registry
 from scoring_service.config import Settings
 from scoring_service.online.options import ModelOptions, RequestOptions, ServerOptions
 from scoring_service.online.runtime import run_event_loop, serve_until_signalled
-from scoring_service.online.server import ScoringServer
+from scoring_service.online.server import ModelLoader, ScoringServer
 
 
 # ---- durable state
@@ -65,11 +66,19 @@ def ensure_model(settings: Settings) -> ModelRecord:
     return ensure_demo_model(registry(settings), settings.models_dir)
 
 
+def model_loader(settings: Settings, *, device: str | None = None, threads: int | None = None) -> ModelLoader:
+    """Loads a registered version: checksum, feature names, device (``settings.device`` unless given)."""
+
+    def load(record: ModelRecord) -> GbdtModel:
+        return GbdtModel.load(record.artifact_path, record.framework, record.feature_names,
+                              expected_sha256=record.sha256, device=device or settings.device,
+                              nthread=threads or settings.model_threads, forest_max_rows=settings.forest_max_rows)
+
+    return load
+
+
 def model_options(settings: Settings) -> ModelOptions:
     return ModelOptions(
-        device=settings.device,
-        threads=settings.model_threads,
-        forest_max_rows=settings.forest_max_rows,
         reasons=settings.reasons,
         batch_max_size=settings.batch_max_size,
         batch_max_wait_ms=settings.batch_max_wait_ms,
@@ -97,6 +106,7 @@ def scoring_server(settings: Settings, redis_url: str | None) -> ScoringServer:
     return ScoringServer(
         Registry(make_engine(settings.resolved_database_url())),
         entity_cache(settings, redis_url) if redis_url else None,
+        model_loader(settings),
         mode=settings.mode,
         model_options=model_options(settings),
         request_options=request_options(settings),
@@ -173,7 +183,6 @@ def active_model(settings: Settings, engine: Engine | None = None) -> ActiveMode
     """The registry's active model, loaded for batch scoring (every core); BatchError if none or unloadable."""
     import os
 
-    from scoring_service.adapters.model.gbdt import GbdtModel, ModelError
     from scoring_service.batch.pipeline import BatchError
     from scoring_service.batch.ports import ActiveModel
 
@@ -181,8 +190,7 @@ def active_model(settings: Settings, engine: Engine | None = None) -> ActiveMode
     if record is None:
         raise BatchError("no active model in the registry: train one first (`fraudscore train`)")
     try:
-        model = GbdtModel.load(record.artifact_path, record.framework, record.feature_names,
-                               expected_sha256=record.sha256, device=settings.device, nthread=os.cpu_count() or 1)
+        model = model_loader(settings, threads=os.cpu_count() or 1)(record)
     except ModelError as exc:
         raise BatchError(f"cannot load model {record.version}: {exc}") from None
     return ActiveModel(record.version, model)

@@ -72,16 +72,16 @@ def model_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
 
 
 def _set_status(status: str, version: str) -> None:
-    from scoring_service.adapters.model.gbdt import GbdtModel, ModelError
+    from scoring_service.adapters.model.gbdt import ModelError
     from scoring_service.adapters.sql.registry import RegistryError
 
-    registry = bootstrap.registry(cli_settings())
+    settings = cli_settings()
+    registry = bootstrap.registry(settings)
     try:
         if status == "active":
             record = registry.get(version)
             try:  # refuse to activate what the service would refuse to load
-                GbdtModel.load(record.artifact_path, record.framework, record.feature_names,
-                               expected_sha256=record.sha256, device="cpu")
+                bootstrap.model_loader(settings, device="cpu")(record)
             except ModelError as exc:
                 fail(f"not activated: {exc}")
             record = registry.activate(version)

@@ -27,11 +27,8 @@ class ReasonMethod(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ModelOptions:
-    """How a model version is loaded and fed: device, threads, reason method, micro-batching."""
+    """How a loaded model version is fed: reason method and micro-batching (loading: ``bootstrap.model_loader``)."""
 
-    device: str = "auto"
-    threads: int = 1
-    forest_max_rows: int = 128
     reasons: ReasonMethod = ReasonMethod.EXACT_WHEN_FLAGGED
     batch_max_size: int = 64
     batch_max_wait_ms: float = 1.0

@@ -75,16 +75,8 @@ class ServingModel:
         return self.record.version
 
     @classmethod
-    def load(cls, record: ModelRecord, options: ModelOptions, executor: ThreadPoolExecutor) -> ServingModel:
-        model = GbdtModel.load(
-            record.artifact_path,
-            record.framework,
-            record.feature_names,
-            expected_sha256=record.sha256,
-            device=options.device,
-            nthread=options.threads,
-            forest_max_rows=options.forest_max_rows,
-        )
+    def of(cls, record: ModelRecord, model: GbdtModel, options: ModelOptions, executor: ThreadPoolExecutor) -> ServingModel:
+        """Serve ``model`` (loaded by the composition root's model loader) with its policy and a micro-batcher."""
         top_k = 3
         exact_from = {
             ReasonMethod.EXACT: None,

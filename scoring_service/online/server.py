@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from scoring_service.adapters.model.gbdt import ModelError
+from scoring_service.adapters.model.gbdt import GbdtModel, ModelError
 from scoring_service.adapters.redis.entity_cache import EntityCache
-from scoring_service.adapters.sql.registry import Registry
+from scoring_service.adapters.sql.registry import ModelRecord, Registry
 from scoring_service.logging import get_logger
 from scoring_service.online.options import ModelOptions, RequestOptions, ScoringMode, ServerOptions
 from scoring_service.online.scorer import Scorer, ServingModel
@@ -27,6 +28,8 @@ from scoring_service.online.servicer import FraudScoringServicer
 from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
 
 log = get_logger(__name__)
+
+ModelLoader = Callable[[ModelRecord], GbdtModel]  # checks the artifact; raises ModelError
 
 SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["FraudScoring"].full_name
 
@@ -38,6 +41,7 @@ class ScoringServer:
         self,
         registry: Registry,
         cache: EntityCache | None,
+        load_model: ModelLoader,
         *,
         mode: ScoringMode,
         model_options: ModelOptions,
@@ -46,6 +50,7 @@ class ScoringServer:
     ) -> None:
         self.registry = registry
         self.cache = cache
+        self.load_model = load_model
         self.model_options = model_options
         self.request_options = request_options
         self.options = server_options
@@ -63,7 +68,8 @@ class ScoringServer:
         if record is None or (current is not None and current.version == record.version):
             return False
         try:
-            serving = await asyncio.to_thread(ServingModel.load, record, self.model_options, self._executor)
+            model = await asyncio.to_thread(self.load_model, record)
+            serving = ServingModel.of(record, model, self.model_options, self._executor)
         except ModelError as exc:
             log.error("model.refused", model_version=record.version, error=str(exc),
                       serving=current.version if current else None)
