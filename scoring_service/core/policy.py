@@ -17,7 +17,12 @@ learned from its training data:
   data, and at least to the decline threshold (AMOUNT_ABOVE_HIGH_LIMIT);
 * ``amount / customer's 30-day average >= amount_ratio_decline`` raises it to that rule's
   training fraud rate and at least the decline threshold; ``>= amount_ratio_review`` to its rate
-  and at least the review threshold (AMOUNT_HIGH_VS_CUSTOMER_USUAL).
+  and at least the review threshold (AMOUNT_HIGH_VS_CUSTOMER_USUAL);
+* the card's payments in the last hour (``Velocity.nb_tx_1h``, from its intraday payments, see
+  ``features.velocity``) ``>= velocity_1h_decline`` raises it to that rule's training fraud rate
+  and at least the decline threshold; ``>= velocity_1h_review`` to its rate and at least the
+  review threshold (CARD_VELOCITY_1H_HIGH: card testing, a burst of payments). Unknown velocity
+  (``None``) fires neither.
 
 A floor is a calibrated probability, not just a threshold, so payments a rule catches rank by how
 often that rule is right: an amount over the high limit (always fraud in the handbook data) ranks
@@ -25,8 +30,12 @@ above any payment of a card whose cached risk (its typical payment's score) is 0
 
 The amount-ratio rules only judge payments below the high amount, and only when the customer has
 at least ``min_history`` payments in its 30-day window (``nb_tx_30d`` of its state): below that
-its average is not trusted. Training learns each rule's threshold and rate on the payments it
-fires on (``training.decision_rules.learn_policy``).
+its average is not trusted. The rules are tried in this order, the first that fires sets the
+floor: high amount, velocity decline, amount-ratio decline, velocity review, amount-ratio review.
+Training learns each rule's threshold and rate on the payments it fires on, in that order
+(``training.decision_rules.learn_policy``); a policy without a rule's keys (a model registered
+before the rule existed) never fires it. ``typical_amount`` is the median training amount (0 =
+unknown).
 
 Model answers use the model's probability for this payment as ``risk_score``; the same floors
 apply, so a rule never says less on the model path than on the cache path.
@@ -40,12 +49,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from scoring_service.core.features.velocity import Velocity
+
 Reason = tuple[str, str, float]
 
 APPROVE, REVIEW, DECLINE = "APPROVE", "REVIEW", "DECLINE"
 DECISIONS = (APPROVE, REVIEW, DECLINE)
 # payments the customer must have in its 30-day window before its average amount is trusted
 MIN_HISTORY = 3.0
+_INF = float("inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +71,11 @@ class Policy:
     high_amount_rate: float = 0.0  # training fraud rate of each rule (0 = unknown: the threshold alone)
     ratio_decline_rate: float = 0.0
     ratio_review_rate: float = 0.0
+    velocity_1h_review: float = _INF  # the card's payments in the last hour (this one included)
+    velocity_1h_decline: float = _INF
+    velocity_review_rate: float = 0.0
+    velocity_decline_rate: float = 0.0
+    typical_amount: float = 0.0  # the median training amount (0 = unknown)
 
     @classmethod
     def of(cls, thresholds: dict[str, float], policy: dict[str, float] | None) -> Policy:
@@ -73,6 +90,11 @@ class Policy:
             high_amount_rate=float(p.get("high_amount_fraud_rate", 0.0)),
             ratio_decline_rate=float(p.get("amount_ratio_decline_fraud_rate", 0.0)),
             ratio_review_rate=float(p.get("amount_ratio_review_fraud_rate", 0.0)),
+            velocity_1h_review=float(p.get("velocity_1h_review", _INF)),
+            velocity_1h_decline=float(p.get("velocity_1h_decline", _INF)),
+            velocity_review_rate=float(p.get("velocity_1h_review_fraud_rate", 0.0)),
+            velocity_decline_rate=float(p.get("velocity_1h_decline_fraud_rate", 0.0)),
+            typical_amount=float(p.get("typical_amount", 0.0)),
         )
 
     def decide(self, risk_score: float) -> str:
@@ -82,34 +104,46 @@ class Policy:
             return REVIEW
         return APPROVE
 
-    def payment_floor(self, amount: float, customer_state: dict[str, float] | None) -> tuple[float, Reason | None]:
+    def payment_floor(
+        self, amount: float, customer_state: dict[str, float] | None, velocity: Velocity | None = None
+    ) -> tuple[float, Reason | None]:
         """The lowest score this payment alone deserves, and the rule that set it.
 
-        The rules are tried in order and the first that fires sets the floor: the high amount;
-        then, for a customer with ``min_history`` payments and a positive average, the decline
-        ratio, then the review ratio. ``learn_policy`` measures each rule's rate where it fires.
+        The rules are tried in order and the first that fires sets the floor: the high amount; the
+        velocity decline; then, for a customer with ``min_history`` payments and a positive average,
+        the decline ratio; the velocity review; the review ratio. ``velocity=None`` (unknown) fires
+        no velocity rule. ``learn_policy`` measures each rule's rate where it fires.
         """
         if amount >= self.high_amount:
             return max(self.decline, self.high_amount_rate), ("AMOUNT_ABOVE_HIGH_LIMIT", "amount", amount)
-        if customer_state:
-            usual = float(customer_state.get("avg_amount_30d", 0.0) or 0.0)
-            history = float(customer_state.get("nb_tx_30d", 0.0) or 0.0)
-            if usual > 0 and history >= self.min_history:
-                ratio = amount / usual
-                if ratio >= self.amount_ratio_decline:
-                    floor = max(self.decline, self.ratio_decline_rate)
-                    return floor, ("AMOUNT_HIGH_VS_CUSTOMER_USUAL", "amount_to_avg_30d", ratio)
-                if ratio >= self.amount_ratio_review:
-                    floor = max(self.review, self.ratio_review_rate)
-                    return floor, ("AMOUNT_HIGH_VS_CUSTOMER_USUAL", "amount_to_avg_30d", ratio)
+        n_1h = velocity.nb_tx_1h if velocity is not None else None
+        if n_1h is not None and n_1h >= self.velocity_1h_decline:
+            return max(self.decline, self.velocity_decline_rate), ("CARD_VELOCITY_1H_HIGH", "customer_nb_tx_1h", n_1h)
+        ratio = self._amount_ratio(amount, customer_state)
+        if ratio is not None and ratio >= self.amount_ratio_decline:
+            return max(self.decline, self.ratio_decline_rate), ("AMOUNT_HIGH_VS_CUSTOMER_USUAL", "amount_to_avg_30d", ratio)
+        if n_1h is not None and n_1h >= self.velocity_1h_review:
+            return max(self.review, self.velocity_review_rate), ("CARD_VELOCITY_1H_HIGH", "customer_nb_tx_1h", n_1h)
+        if ratio is not None and ratio >= self.amount_ratio_review:
+            return max(self.review, self.ratio_review_rate), ("AMOUNT_HIGH_VS_CUSTOMER_USUAL", "amount_to_avg_30d", ratio)
         return 0.0, None
+
+    def _amount_ratio(self, amount: float, customer_state: dict[str, float] | None) -> float | None:
+        """amount / the customer's 30-day average, when its history is trusted (else None)."""
+        if not customer_state:
+            return None
+        usual = float(customer_state.get("avg_amount_30d", 0.0) or 0.0)
+        history = float(customer_state.get("nb_tx_30d", 0.0) or 0.0)
+        if usual > 0 and history >= self.min_history:
+            return amount / usual
+        return None
 
     def apply(
         self, base_score: float, base_reasons: Sequence[Reason], amount: float, customer_state: dict[str, float] | None,
-        top_k: int = 3,
+        top_k: int = 3, velocity: Velocity | None = None,
     ) -> tuple[float, list[Reason]]:
         """Raise ``base_score`` to the payment's floor; ``base_reasons`` come most important first."""
-        floor, rule = self.payment_floor(amount, customer_state)
+        floor, rule = self.payment_floor(amount, customer_state, velocity)
         reasons = list(base_reasons)
         if rule is not None and floor > base_score:
             return floor, [rule, *reasons][:top_k]

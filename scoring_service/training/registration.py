@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ def train_and_register(
         sha256=sha256_file(result.artifact_path),
         feature_names=result.feature_names,
         thresholds=result.thresholds,
-        policy=result.policy,
+        # JSON holds no infinity (PostgreSQL refuses it): a rule that never fires is stored by its absence.
+        policy={k: v for k, v in result.policy.items() if math.isfinite(v)},
         metrics=result.metrics,
         params={**result.params, "train_window": list(result.train_window), "test_window": list(result.test_window)},
         description=description,

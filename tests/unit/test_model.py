@@ -12,7 +12,7 @@ from scoring_service.training.simulator import simulate
 
 @pytest.fixture(scope="module")
 def data():
-    p = F.normalise_handbook(simulate(600, 1200, "2018-04-01", 30, seed=5))
+    p = F.normalise_handbook(simulate(600, 1200, "2018-04-01", 30, seed=5, card_testing_per_day=0.0))
     X = F.payments_features(p).to_numpy(np.float32)
     y = (p["is_fraud"].to_numpy() == 1).astype(np.float32)
     return X, y
@@ -160,7 +160,9 @@ def test_train_on_simulated_payments_is_deterministic_and_loads(tmp_path):
     assert r1.metrics["auc_roc"] > 0.75
     assert 0 < r1.thresholds["review"] <= r1.thresholds["decline"] <= 1
     assert set(r1.policy) == {"amount_ratio_review", "amount_ratio_decline", "high_amount", "min_history",
-                              "high_amount_fraud_rate", "amount_ratio_decline_fraud_rate", "amount_ratio_review_fraud_rate"}
+                              "high_amount_fraud_rate", "amount_ratio_decline_fraud_rate", "amount_ratio_review_fraud_rate",
+                              "velocity_1h_review", "velocity_1h_decline", "velocity_1h_review_fraud_rate",
+                              "velocity_1h_decline_fraud_rate", "typical_amount"}
     assert all(0.0 <= r1.policy[k] <= 1.0 for k in r1.policy if k.endswith("_fraud_rate"))
     assert r1.policy["amount_ratio_review"] <= r1.policy["amount_ratio_decline"]
     assert (tmp_path / "a" / "train_result.json").is_file()

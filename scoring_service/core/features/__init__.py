@@ -32,6 +32,7 @@ from scoring_service.core.features.definitions import (
 )
 from scoring_service.core.features.online import OnlineRow, advance_customer_state, online_features, online_features_many
 from scoring_service.core.features.state import CUSTOMER_STATE_KEYS, TERMINAL_STATE_KEYS, CustomerState, TerminalState
+from scoring_service.core.features.velocity import Velocity, payments_velocity, velocity_of
 
 __all__ = [
     "CUSTOMER_FRAUD_WINDOW",
@@ -46,6 +47,7 @@ __all__ = [
     "CustomerState",
     "OnlineRow",
     "TerminalState",
+    "Velocity",
     "advance_customer_state",
     "entity_states",
     "epoch_seconds",
@@ -55,4 +57,6 @@ __all__ = [
     "online_features_many",
     "payments_features",
     "payments_features_cold_customer",
+    "payments_velocity",
+    "velocity_of",
 ]
