@@ -8,12 +8,29 @@ starts ``fraudscore serve --mode M`` and, for each test day D, runs the real nig
 and sends day D's payments as Score() calls. The answers are joined with the labels: served
 average precision, Card Precision@100 per day, cache hit ratio and latency percentiles, as JSON
 (``bench/results/backtest-<time>.json``) and a table.
+
+Options (none given: the run above, unchanged):
+
+* ``--data PATH``: any payments file (handbook columns or the normalised frame) instead of the handbook.
+* ``--simulated [--sim-seed N] [--card-testing-per-day X]``: payments from
+  ``scoring_service.training.simulator.simulate`` (5,000 cards, 10,000 terminals, 2018-04-01 + 137
+  days: the handbook protocol's dates), written to a Parquet file in the work folder.
+* ``--cohort-share S --cohort-seed N`` (either one turns it on; share 0.2, seed 0 by default): a
+  cold-start cohort. A seeded share S of the cards that pay in the replayed days gets a new
+  customer id (``new-<id>``, the same every day) in the Score() traffic only (Kafka, hence the
+  nightly job, has the old id): their first payment reaches the model as an unseen card, their later
+  ones whatever the service keeps for them. Served AP and CP@100 are reported per mode for the
+  cohort and for the rest (``cohort``/``rest`` in the JSON), next to the overall figures.
+* When the data has ``TX_FRAUD_SCENARIO`` (4 = card testing), the column is kept out of what the
+  service sees (train and publish read a copy without it) and the card-testing detection rate is
+  reported per mode (``card_testing`` in the JSON, ``bench/backtest_report.detection_summary``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
 import subprocess
@@ -24,6 +41,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.backtest_report import (
+    NEW_PREFIX,
+    SCENARIO_COLUMN,
+    attach_scenarios,
+    choose_cohort,
+    cohort_summaries,
+    detection_summary,
+    rename_cohort,
+    scenarios_by_transaction,
+    scored_frame,
+)
 from scoring_service.adapters.files.payments_file import read_payments_file
 from scoring_service.batch.replay import _drive, summarise
 from tests.conftest import handbook_path
@@ -36,8 +64,41 @@ TEST_START = pd.Timestamp("2018-08-08")
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "scoring_service.cli", *args], cwd=REPO, env=env, check=True,
-                          capture_output=True, text=True)
+    try:
+        return subprocess.run([sys.executable, "-m", "scoring_service.cli", *args], cwd=REPO, env=env, check=True,
+                              capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        print(f"fraudscore {' '.join(args)} failed ({exc.returncode}):\n{(exc.stderr or '')[-4000:]}", file=sys.stderr)
+        raise
+
+
+def simulated_file(work: Path, seed: int, card_testing_per_day: float | None) -> Path:
+    """Simulated payments over the handbook protocol's dates, as a Parquet file in ``work``."""
+    from scoring_service.training.simulator import simulate
+
+    kwargs: dict = {}
+    if card_testing_per_day is not None:
+        if "card_testing_per_day" not in inspect.signature(simulate).parameters:
+            sys.exit("--card-testing-per-day: this simulator has no card_testing_per_day")
+        kwargs["card_testing_per_day"] = card_testing_per_day
+    frame = simulate(n_customers=5000, n_terminals=10000, start_date="2018-04-01", n_days=137, seed=seed, **kwargs)
+    path = work / f"simulated-seed{seed}.parquet"
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def service_file(data: Path, work: Path) -> tuple[Path, pd.Series | None]:
+    """The file the service is trained on and fed from (``data`` without TX_FRAUD_SCENARIO, a label
+    it must not see), and the scenario of each transaction id when ``data`` has that column."""
+    import pyarrow.parquet as pq
+
+    if SCENARIO_COLUMN not in pq.read_schema(data).names:
+        return data, None
+    raw = pd.read_parquet(data)
+    scenarios = scenarios_by_transaction(raw)
+    path = work / f"service-{data.stem}.parquet"
+    raw.drop(columns=[SCENARIO_COLUMN]).to_parquet(path, index=False)
+    return path, scenarios
 
 
 def main() -> None:
@@ -45,17 +106,47 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=7)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--modes", default="cache-first,always-model")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--data", type=Path, default=None, help="payments Parquet file (default: the handbook)")
+    src.add_argument("--simulated", action="store_true", help="simulated payments (simulator, 137 days from 2018-04-01)")
+    ap.add_argument("--sim-seed", type=int, default=0, help="simulator seed (--simulated)")
+    ap.add_argument("--card-testing-per-day", type=float, default=None,
+                    help="simulator's card_testing_per_day (--simulated; default: the simulator's)")
+    ap.add_argument("--cohort-share", type=float, default=None, help="cold-start cohort: share of the replayed cards (0.2)")
+    ap.add_argument("--cohort-seed", type=int, default=None, help="cold-start cohort: seed (0)")
     args = ap.parse_args()
-    data = handbook_path()
-    if data is None:
-        sys.exit("the handbook file is needed (set FRAUDSCORE_HANDBOOK)")
+    cohort_on = args.cohort_share is not None or args.cohort_seed is not None
+    share = 0.2 if args.cohort_share is None else args.cohort_share
+    cohort_seed = 0 if args.cohort_seed is None else args.cohort_seed
+    if not 0.0 <= share <= 1.0:
+        sys.exit("--cohort-share must be in [0, 1]")
+    if args.simulated:
+        data = None
+    elif args.data is not None:
+        if not args.data.is_file():
+            sys.exit(f"--data: no such file {args.data}")
+        data = args.data.resolve()
+    else:
+        data = handbook_path()
+        if data is None:
+            sys.exit("the handbook file is needed (set FRAUDSCORE_HANDBOOK)")
     work = Path(tempfile.mkdtemp(prefix="fs-backtest-"))
     redis, kafka = RedisServer().start(), KafkaServer().start()
     env = {**os.environ, "FRAUDSCORE_DATA_DIR": str(work), "REDIS_URL": redis.url,
            "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap, "FRAUDSCORE_LOG_FORMAT": "json", "OMP_WAIT_POLICY": "PASSIVE"}
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report: dict = {"machine": os.uname().nodename, "cores": os.cpu_count(), "started": started}
+    scenarios: pd.Series | None = None
     try:
+        if args.simulated:
+            t = time.monotonic()
+            data = simulated_file(work, args.sim_seed, args.card_testing_per_day)
+            report["simulated"] = {"seed": args.sim_seed, "card_testing_per_day": args.card_testing_per_day,
+                                   "file": str(data), "seconds": round(time.monotonic() - t, 1)}
+        assert data is not None
+        report["data"] = str(data)
+        data, scenarios = service_file(data, work)
+        report["card_testing_labels"] = scenarios is not None
         t = time.monotonic()
         report["train"] = json.loads(cli(env, "train", "--data", str(data)).stdout.strip().splitlines()[-1])
         report["train"]["seconds"] = round(time.monotonic() - t, 1)
@@ -64,6 +155,12 @@ def main() -> None:
         report["publish_seconds"] = round(time.monotonic() - t, 1)
         payments = read_payments_file(data)
         days = [TEST_START + pd.Timedelta(days=i) for i in range(args.days)]
+        cohort: set[str] = set()
+        if cohort_on:
+            replayed = payments[(payments["timestamp"] >= days[0]) & (payments["timestamp"] < days[-1] + pd.Timedelta(days=1))]
+            cohort = choose_cohort(replayed["customer_id"], share, cohort_seed)
+            report["cohort"] = {"share": share, "seed": cohort_seed, "cards": len(cohort),
+                                "replayed_cards": int(replayed["customer_id"].nunique()), "new_id": f"{NEW_PREFIX}<id>"}
         for mode in args.modes.split(","):
             scorer = ScorerProcess(work, redis.url, env={"KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
                                                          "FRAUDSCORE_LOG_REQUESTS": "false"},
@@ -78,12 +175,20 @@ def main() -> None:
                     time.sleep(1.5)  # the service re-reads the active generation every second
                     todays = payments[(payments["timestamp"] >= day) & (payments["timestamp"] < day + pd.Timedelta(days=1))]
                     frames.append(todays)
-                    answers += asyncio.run(_drive(scorer.address, todays, 0.0, args.concurrency, 2.0, None))
+                    sent = rename_cohort(todays, cohort) if cohort_on else todays
+                    answers += asyncio.run(_drive(scorer.address, sent, 0.0, args.concurrency, 2.0, None))
                     print(f"{mode} {day.date()}: {len(todays)} payments", flush=True)
             finally:
                 scorer.stop()
-            summary = summarise(pd.concat(frames, ignore_index=True), answers)
+            replayed_frame = pd.concat(frames, ignore_index=True)
+            summary = summarise(replayed_frame, answers)
             summary["nightly_runs"] = nightly
+            if cohort_on or scenarios is not None:
+                scored = scored_frame(replayed_frame, answers)  # original customer ids
+                if cohort_on:
+                    summary.update(cohort_summaries(scored, scored["customer_id"].isin(cohort)))
+                if scenarios is not None:
+                    summary["card_testing"] = detection_summary(scored, attach_scenarios(scored, scenarios))
             report[mode] = summary
     finally:
         kafka.stop()
@@ -101,6 +206,24 @@ def main() -> None:
         print(f"{'client latency ' + q + ' ms':<28}" + "".join(f"{report[m]['latency_ms'][q]:>16.3f}" for m in modes))
     for d in report[modes[0]]["card_precision_at_100_per_day"]:
         print(f"{'CP@100 ' + str(d):<28}" + "".join(f"{report[m]['card_precision_at_100_per_day'][d]:>16.3f}" for m in modes))
+    if cohort_on:
+        print(f"\ncold-start cohort: {report['cohort']['cards']} of {report['cohort']['replayed_cards']} cards "
+              f"(share {share}, seed {cohort_seed})")
+        for group in ("cohort", "rest"):
+            for key, label in (("requests", "payments"), ("cards", "cards"), ("frauds", "frauds"),
+                               ("average_precision", "AP"), ("card_precision_at_100", "CP@100"),
+                               ("card_precision_at_100_ceiling", "CP@100 ceiling"), ("cache_hit_ratio", "cache hit ratio"),
+                               ("decline_ratio", "decline ratio")):
+                cells = (f"{report[m][group][key]:>16.4f}" if isinstance(report[m][group][key], float)
+                         else f"{report[m][group][key]:>16}" for m in modes)
+                print(f"{group + ' ' + label:<28}" + "".join(cells))
+    if scenarios is not None:
+        print("\ncard testing (TX_FRAUD_SCENARIO 4)")
+        for key in ("cards", "cards_with_large_in_replay", "declined_before_large", "declined_at_or_before_large",
+                    "large_declined_share", "small_declined_share"):
+            cells = (f"{report[m]['card_testing'][key]:>16.4f}" if isinstance(report[m]["card_testing"][key], float)
+                     else f"{report[m]['card_testing'][key]:>16}" for m in modes)
+            print(f"{key:<28}" + "".join(cells))
     print(f"\nJSON: {out}")
 
 

@@ -193,7 +193,7 @@ def active_model(settings: Settings, engine: Engine | None = None) -> ActiveMode
         model = model_loader(settings, threads=os.cpu_count() or 1)(record)
     except ModelError as exc:
         raise BatchError(f"cannot load model {record.version}: {exc}") from None
-    return ActiveModel(record.version, model)
+    return ActiveModel(record.version, model, float(record.policy.get("typical_amount", 0.0)))
 
 
 def batch_adapters(settings: Settings, source: EventSource, *, redis_url: str | None = None,

@@ -134,7 +134,8 @@ def _read(source: EventSource, window: Window, run: _Run, prog: Progress) -> Win
 def _build(events: WindowEvents, as_of: float, model: ActiveModel, run: _Run, prog: Progress) -> Entries:
     timings: dict[str, float] = {}
     with prog.phase("score", None):
-        entries = build_entries(events.payments, as_of, model.model, model.version, run.generation, timings=timings)
+        entries = build_entries(events.payments, as_of, model.model, model.version, run.generation,
+                                typical_amount=model.typical_amount, timings=timings)
     run.phases.update({k: round(v, 3) for k, v in timings.items()})
     return entries
 

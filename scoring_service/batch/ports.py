@@ -42,3 +42,4 @@ class ActiveModel:
 
     version: str
     model: Any
+    typical_amount: float = 0.0  # the version's typical payment amount (policy "typical_amount"; 0: unknown)

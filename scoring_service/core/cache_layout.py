@@ -7,6 +7,10 @@ and a *generation*, so a nightly run never exposes a half-written cache::
     fs:1:{model_version}:{generation}:c:{id}     -> a customer's entry (JSON)
     fs:1:{model_version}:{generation}:t:{id}     -> a terminal's entry (JSON)
 
+and, apart from both (raw payments, the same for every model version and generation)::
+
+    fs:1:intraday:c:{id}                         -> the card's recent payments (sorted set, see below)
+
 A batch run writes every entry under a fresh generation and, only when all are written, points
 ``active`` at it with one ``SET`` (atomic). Readers resolve the active generation first and then
 read both entities of a payment with one ``MGET`` under that generation, so one answer never mixes
@@ -26,8 +30,34 @@ ONLINE_GENERATION = "0"
 DEFAULT_TTL_S = 3 * 86400
 
 EntityKind = Literal["c", "t"]
+EntryOrigin = Literal["batch", "online"]
+BATCH: EntryOrigin = "batch"
+ONLINE: EntryOrigin = "online"
 CUSTOMER: EntityKind = "c"
 TERMINAL: EntityKind = "t"
+
+
+# Intraday state: every payment the service scores is added to its card's sorted set (score: the
+# payment's epoch time; member: "<amount>|<transaction id>", so a retried transaction is one member
+# and counts once). Kept as long as the cache entries (older members are trimmed on write) and at
+# most INTRADAY_MAX_PAYMENTS per card (the newest).
+INTRADAY_HORIZON_S = DEFAULT_TTL_S
+INTRADAY_MAX_PAYMENTS = 1000
+
+
+def intraday_key(customer_id: str) -> str:
+    return f"fs:{SCHEMA}:intraday:{CUSTOMER}:{customer_id}"
+
+
+def intraday_member(amount: float, transaction_id: str) -> str:
+    return f"{float(amount)!r}|{transaction_id}"
+
+
+def parse_intraday_member(member: bytes | str) -> tuple[float, str]:
+    """(amount, transaction id) of a member written by :func:`intraday_member`."""
+    text = member.decode() if isinstance(member, bytes) else member
+    amount, _, transaction_id = text.partition("|")
+    return float(amount), transaction_id
 
 
 def active_generation_key(model_version: str) -> str:
@@ -47,9 +77,14 @@ def generation_pattern(model_version: str, generation: str) -> str:
 class CacheEntry:
     """What the cache knows of one entity, as of ``computed_at``.
 
-    ``risk_score`` is the probability that the entity is compromised now: the model's score for
-    the entity's typical payment at batch time (see ``entity_scoring``).
-    ``state`` holds the aggregates the features are computed from (see ``features.entity_states``).
+    ``risk_score`` is the probability that the entity is compromised: the model's score for the
+    entity's typical payment (``core.entity_scoring``, the one definition for the nightly, the
+    replay and the online write-back), never one payment's score; ``reasons`` explain it.
+    ``state`` holds the aggregates the features are computed from (``features.entity_states``).
+    A ``batch`` entry's state covers the payments up to ``computed_at`` (the run's as-of): the
+    card's intraday payments after it are merged on read (``features.intraday``). An ``online``
+    entry (written back by the service for a card no batch run knows) records the state its risk
+    was computed on; reads merge the card's intraday payments onto an empty state instead.
     """
 
     risk_score: float
@@ -58,6 +93,7 @@ class CacheEntry:
     computed_at: float  # epoch seconds
     reasons: list[tuple[str, str, float]] = field(default_factory=list)
     generation: str = ONLINE_GENERATION
+    origin: EntryOrigin = BATCH  # who computed it: a batch run (nightly, replay) or the online write-back
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -68,6 +104,7 @@ class CacheEntry:
                 "t": self.computed_at,
                 "r": self.reasons,
                 "g": self.generation,
+                "o": self.origin,
             },
             separators=(",", ":"),
         ).encode()
@@ -82,4 +119,5 @@ class CacheEntry:
             computed_at=float(d["t"]),
             reasons=[(r[0], r[1], float(r[2])) for r in d.get("r", ())],
             generation=d.get("g", ONLINE_GENERATION),
+            origin=ONLINE if d.get("o") == ONLINE else BATCH,
         )

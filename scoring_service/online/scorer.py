@@ -1,12 +1,19 @@
-"""The Score use case: cache-aside entity risk, GBDT inference for unseen entities, a hard budget.
+"""The Score use case: cache-aside entity risk, intraday state, GBDT inference for new cards, a hard budget.
 
-The payment's entity is its customer (card). ``cache-first`` (default):
+One round trip reads the card's and the terminal's cache entries and the card's intraday payments
+(every payment the service scored, ``core.features.intraday``); the card's state is its cached
+state with those payments merged, and its velocity comes from them. ``cache-first`` (default):
 
-* the customer has a cache entry -> source CACHE: the entity scores of the customer and (when
-  cached) the terminal, with the payment-level policy on top (``policy``); no model call;
-* otherwise -> source MODEL: features of this payment from what is known (the payment, the
-  terminal's cached state) by the shared feature module, the model through the micro-batcher,
-  and the new customer entry written back to Redis without holding up the answer.
+* the card has an entry from a batch run -> source CACHE: the entity risks of the card and (when
+  cached) the terminal, with the payment-level policy on top (``core.policy``: amount rules against
+  the merged state, velocity rules); no model call;
+* otherwise (a card no batch run knows yet) -> source MODEL: features of this payment from the
+  merged state and the terminal's cached state, the model through the micro-batcher. A card seen
+  for the first time gets an entry written back after the answer: its entity risk
+  (``core.entity_scoring``, the definition the nightly uses), never this payment's score.
+
+Every scored payment is then added to its card's intraday list (in the background), so the next
+payment a second later is judged with it.
 
 ``always-model`` runs the model on every request, with the cached states of both entities and
 the live payment: fresher and more precise on every payment, at the model's cost per request.
@@ -14,12 +21,13 @@ the live payment: fresher and more precise on every payment, at the model's cost
 The budget (``budget_ms``, never beyond the caller's deadline) is enforced: a slow or failing
 Redis is skipped (short timeout, circuit breaker) and the request goes on without the cache
 (``degraded``); a model that cannot answer inside the remaining budget gives a FALLBACK answer:
-the payment-level policy alone, flagged ``degraded``.
+the cached entity risk (0 when none) with the payment-level policy on top, flagged ``degraded``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +37,10 @@ import numpy as np
 from scoring_service.adapters.model.gbdt import GbdtModel
 from scoring_service.adapters.redis.entity_cache import CUSTOMER, CacheEntry, CacheUnavailable, EntityCache
 from scoring_service.adapters.sql.registry import ModelRecord
-from scoring_service.core import features
+from scoring_service.core import entity_scoring, features
+from scoring_service.core.cache_layout import BATCH, ONLINE
+from scoring_service.core.features.intraday import merged_customer_state, previous_times
+from scoring_service.core.features.velocity import Velocity, velocity_of
 from scoring_service.core.policy import Policy, Reason, combine_entities
 from scoring_service.core.validation import Payment
 from scoring_service.logging import get_logger
@@ -41,9 +52,31 @@ log = get_logger(__name__)
 CACHE, MODEL, FALLBACK = "CACHE", "MODEL", "FALLBACK"
 # Time kept back from the budget for encoding the answer and the network.
 _ANSWER_MARGIN_S = 0.002
+# How long a new card's write-back may wait for the model (in the background, after the answer).
+_WRITE_BACK_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
+class Known:
+    """What the cache knows for one payment: the entries (None: not cached), the card's state with
+    its intraday payments merged (None: nothing known) and the card's velocity (None: unknown)."""
+
+    customer: CacheEntry | None
+    terminal: CacheEntry | None
+    state: dict[str, float] | None
+    velocity: Velocity | None
+
+    @property
+    def from_batch(self) -> bool:
+        """The card's risk comes from a batch run over its history (else: a new card, or none)."""
+        return self.customer is not None and self.customer.origin == BATCH
+
+    def entity_risk(self) -> tuple[float, list[Reason]]:
+        """The payment's base score from its entities' cached risks (0 and no reasons when none)."""
+        c, t = self.customer, self.terminal
+        return combine_entities((c.risk_score, c.reasons) if c else None, (t.risk_score, t.reasons) if t else None)
+
+
 class NoModelLoaded(RuntimeError):
     """No model version is serving yet (start-up, or every version was refused): UNAVAILABLE."""
 
@@ -107,57 +140,63 @@ class Scorer:
         self.cache = cache
         self.mode = mode
         self.serving: ServingModel | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def score(self, payment: Payment, deadline: float) -> ScoreResult:
         """Score one payment; ``deadline`` is a ``time.monotonic()`` instant."""
         serving = self.serving
         if serving is None:
             raise NoModelLoaded("no model loaded yet")
-        version = serving.version
-        degraded = False
-        customer = terminal = None
+        known, degraded = await self._read(serving.version, payment, deadline)
         if self.cache is not None:
-            remaining = deadline - time.monotonic() - _ANSWER_MARGIN_S
-            try:
-                customer, terminal = await self.cache.get_pair(
-                    version, payment.customer_id, payment.terminal_id, max(remaining, 0.0)
-                )
-            except CacheUnavailable:
-                degraded = True
-        else:
-            degraded = True
+            self.cache.record_payment(payment.customer_id, payment.timestamp, payment.amount, payment.transaction_id)
+        if known.from_batch and self.mode is ScoringMode.CACHE_FIRST:
+            return self._from_cache(serving, payment, known, degraded)
+        return await self._from_model(serving, payment, known, deadline, degraded)
 
-        if customer is not None and self.mode is ScoringMode.CACHE_FIRST:
-            return self._from_cache(serving, payment, customer, terminal, degraded)
-        return await self._from_model(serving, payment, customer, terminal, deadline, degraded)
+    async def _read(self, version: str, payment: Payment, deadline: float) -> tuple[Known, bool]:
+        """What the cache knows of the payment's card and terminal (one round trip), merged with
+        the card's intraday payments; degraded when the cache could not be read in time."""
+        if self.cache is None:
+            return Known(None, None, None, None), True
+        remaining = deadline - time.monotonic() - _ANSWER_MARGIN_S
+        try:
+            read = await self.cache.read(version, payment.customer_id, payment.terminal_id, max(remaining, 0.0))
+        except CacheUnavailable:
+            return Known(None, None, None, None), True
+        customer = read.customer
+        from_batch = customer is not None and customer.origin == BATCH
+        try:
+            state = merged_customer_state(
+                customer.state if from_batch and customer else None,
+                customer.computed_at if from_batch and customer else -math.inf,
+                read.intraday, payment.timestamp, payment.transaction_id,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            # An entry from another schema: score as unseen rather than fail the payment.
+            log.warning("cache.malformed_entry", error=repr(exc), model_version=version)
+            return Known(None, None, None, None), False
+        velocity = velocity_of(previous_times(read.intraday, payment.timestamp, payment.transaction_id), payment.timestamp)
+        return Known(customer, read.terminal, state, velocity), False
 
-    def _from_cache(
-        self, serving: ServingModel, payment: Payment, customer: CacheEntry, terminal: CacheEntry | None, degraded: bool
-    ) -> ScoreResult:
-        base, reasons = combine_entities(
-            (customer.risk_score, customer.reasons), (terminal.risk_score, terminal.reasons) if terminal else None
-        )
-        risk, reasons = serving.policy.apply(base, reasons, payment.amount, customer.state, serving.top_k)
-        scored_at = customer.computed_at if terminal is None else max(customer.computed_at, terminal.computed_at)
+    def _from_cache(self, serving: ServingModel, payment: Payment, known: Known, degraded: bool) -> ScoreResult:
+        customer = known.customer
+        assert customer is not None
+        base, reasons = known.entity_risk()
+        risk, reasons = serving.policy.apply(base, reasons, payment.amount, known.state, serving.top_k, known.velocity)
+        scored_at = customer.computed_at if known.terminal is None else max(customer.computed_at, known.terminal.computed_at)
         return ScoreResult(risk, serving.policy.decide(risk), CACHE, serving.version, reasons, scored_at, degraded)
 
     async def _from_model(
-        self,
-        serving: ServingModel,
-        payment: Payment,
-        customer: CacheEntry | None,
-        terminal: CacheEntry | None,
-        deadline: float,
-        degraded: bool,
+        self, serving: ServingModel, payment: Payment, known: Known, deadline: float, degraded: bool
     ) -> ScoreResult:
-        customer_state = customer.state if customer else None
-        terminal_state = terminal.state if terminal else None
         try:
-            row = features.online_features(payment.amount, payment.timestamp, customer_state, terminal_state)
+            row = features.online_features(payment.amount, payment.timestamp, known.state,
+                                           known.terminal.state if known.terminal else None)
         except (KeyError, TypeError, ValueError) as exc:
             # An entry from another schema: score as unseen rather than fail the payment.
             log.warning("cache.malformed_entry", error=repr(exc), model_version=serving.version)
-            customer_state = terminal_state = None
+            known = Known(None, None, None, known.velocity)
             row = features.online_features(payment.amount, payment.timestamp, None, None)
         remaining = deadline - time.monotonic() - _ANSWER_MARGIN_S
         try:
@@ -167,24 +206,40 @@ class Scorer:
                 prob, reasons = await serving.batcher.submit(row)
         except (TimeoutError, Overloaded) as exc:
             log.warning("model.fallback", reason=type(exc).__name__, model_version=serving.version)
-            return self._fallback(serving, payment, customer_state)
-        risk, reasons = serving.policy.apply(prob, reasons, payment.amount, customer_state, serving.top_k)
-        now = time.time()
-        if customer is None and self.cache is not None:
-            entry = CacheEntry(
-                risk_score=prob,
-                state=features.advance_customer_state(None, payment.amount, payment.timestamp),
-                model_version=serving.version,
-                computed_at=now,
-                reasons=list(reasons),
-                generation=self.cache.generation(serving.version),
-            )
-            self.cache.write_back(serving.version, [(CUSTOMER, payment.customer_id, entry)])
-        return ScoreResult(risk, serving.policy.decide(risk), MODEL, serving.version, reasons, now, degraded)
+            return self._fallback(serving, payment, known)
+        risk, reasons = serving.policy.apply(prob, reasons, payment.amount, known.state, serving.top_k, known.velocity)
+        if known.customer is None and self.cache is not None:
+            state = features.advance_customer_state(known.state, payment.amount, payment.timestamp)
+            task = asyncio.get_running_loop().create_task(self._write_back(serving, payment, state))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return ScoreResult(risk, serving.policy.decide(risk), MODEL, serving.version, reasons, time.time(), degraded)
 
-    def _fallback(self, serving: ServingModel, payment: Payment, customer_state: dict[str, float] | None) -> ScoreResult:
-        """The documented fallback: the payment-level policy alone, flagged degraded."""
-        risk, reasons = serving.policy.apply(0.0, [], payment.amount, customer_state, serving.top_k)
+    async def _write_back(self, serving: ServingModel, payment: Payment, state: dict[str, float]) -> None:
+        """A new card's entity risk (``core.entity_scoring``: its typical payment, never this
+        payment's score), computed after the answer went out and written back for it."""
+        assert self.cache is not None
+        row = entity_scoring.customer_entity_row(state, serving.policy.typical_amount, payment.timestamp)
+        try:
+            async with asyncio.timeout(_WRITE_BACK_TIMEOUT_S):
+                risk, reasons = await serving.batcher.submit(features.online_features_many([row])[0])
+        except (TimeoutError, Overloaded):
+            return  # the card stays unknown to the cache; its next payment goes to the model again
+        entry = CacheEntry(risk_score=float(risk), state=state, model_version=serving.version,
+                           computed_at=payment.timestamp, reasons=list(reasons), origin=ONLINE,
+                           generation=self.cache.generation(serving.version))
+        self.cache.write_back(serving.version, [(CUSTOMER, payment.customer_id, entry)])
+
+    def _fallback(self, serving: ServingModel, payment: Payment, known: Known) -> ScoreResult:
+        """The model could not answer in time: the cached entity risk (0 when none) with the
+        payment-level policy on top, flagged degraded."""
+        base, reasons = known.entity_risk()
+        risk, reasons = serving.policy.apply(base, reasons, payment.amount, known.state, serving.top_k, known.velocity)
         if not reasons:
             reasons = [("MODEL_UNAVAILABLE", "", 0.0)]
         return ScoreResult(risk, serving.policy.decide(risk), FALLBACK, serving.version, reasons, time.time(), True)
+
+    async def drain(self) -> None:
+        """Wait for the background write-backs (on shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)

@@ -143,6 +143,7 @@ class ScoringServer:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.scorer.drain()
         if self.scorer.serving is not None:
             await self.scorer.serving.batcher.stop()
         if self.cache is not None:

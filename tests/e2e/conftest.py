@@ -23,7 +23,10 @@ def model_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     data_dir = tmp_path_factory.mktemp("fs-e2e")
     settings = Settings(data_dir=data_dir)
-    payments = simulate(n_customers=400, n_terminals=800, start_date="2018-04-01", n_days=50, seed=11)
+    # No card testing here: these tests are about the service, and tests/e2e/test_intraday.py sets its own
+    # velocity rules; a learnt velocity rule would make every test that pays twice a minute a burst.
+    payments = simulate(n_customers=400, n_terminals=800, start_date="2018-04-01", n_days=50, seed=11,
+                        card_testing_per_day=0.0)
     train_and_register(open_registry(settings), settings.models_dir, payments=payments, activate=True, description="e2e")
     return data_dir
 

@@ -14,6 +14,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from scoring_service.core import features
 from scoring_service.core.cache_layout import CUSTOMER, CacheEntry, active_generation_key, entity_key
 from scoring_service.core.policy import Policy
 from scoring_service.protos import scoring_pb2
@@ -34,32 +35,48 @@ def request(customer: str, terminal: str = "T1", amount: float = 25.0, **tx) -> 
     return r
 
 
+def usual_state(n: int, amount: float, at: float = 1.7e9) -> dict[str, float]:
+    """A card's complete cached state after ``n`` payments of ``amount`` (as a nightly run writes it)."""
+    state = None
+    for i in range(n):
+        state = features.advance_customer_state(state, amount, at - 3600 * (n - i))
+    assert state is not None
+    return state
+
+
 def new_customer() -> str:
     return f"cust-{uuid.uuid4().hex[:12]}"
 
 
-def score_until_cached(stub, customer: str, tries: int = 50):
-    """The write-back is asynchronous: ask again until the answer comes from the cache."""
+def written_back(redis_url: str, model_version: str, customer: str, tries: int = 50) -> CacheEntry | None:
+    """The write-back is asynchronous: wait for the card's entry in the active generation."""
+    client = redis.Redis.from_url(redis_url)
     for _ in range(tries):
-        resp = stub.Score(request(customer), timeout=2)
-        if resp.source == scoring_pb2.CACHE:
-            return resp
+        gen = (client.get(active_generation_key(model_version)) or b"0").decode()
+        raw = client.get(entity_key(model_version, gen, CUSTOMER, customer))
+        if raw:
+            return CacheEntry.decode(raw)
         time.sleep(0.05)
-    return resp
+    return None
 
 
-def test_unseen_customer_is_scored_by_the_model_then_served_from_cache(stub, active_model):
+def test_unseen_card_is_scored_by_the_model_and_written_back_with_its_entity_risk(stub, active_model, redis_url):
     customer = new_customer()
-    first = stub.Score(request(customer), timeout=2)
+    first = stub.Score(request(customer, amount=5000.0), timeout=2)
     assert first.source == scoring_pb2.MODEL
     assert first.model_version == active_model.version
     assert 0.0 <= first.risk_score <= 1.0
     assert first.decision in (scoring_pb2.APPROVE, scoring_pb2.REVIEW, scoring_pb2.DECLINE)
     assert first.reasons and first.reasons[0].code and first.reasons[0].feature
     assert not first.degraded
-    again = score_until_cached(stub, customer)
-    assert again.source == scoring_pb2.CACHE
-    assert again.model_version == active_model.version
+    entry = written_back(redis_url, active_model.version, customer)
+    assert entry is not None and entry.origin == "online" and entry.model_version == active_model.version
+    # the card's risk is its typical payment's score (one payment: the version's typical amount), not 5000's
+    assert entry.risk_score != pytest.approx(first.risk_score)
+    assert entry.state["nb_tx_1d"] == 1.0 and entry.state["sum_amount_1d"] == 5000.0
+    # a card no batch run knows yet is judged by the model on each payment, with its payments of today
+    again = stub.Score(request(customer, amount=10.0), timeout=2)
+    assert again.source == scoring_pb2.MODEL and again.model_version == active_model.version
     assert again.scored_at.seconds >= first.scored_at.seconds - 1
 
 
@@ -132,7 +149,7 @@ def test_precomputed_entry_is_served_with_its_score_and_policy_on_top(stub, acti
     client = redis.Redis.from_url(redis_url)
     gen = (client.get(active_generation_key(active_model.version)) or b"0").decode()
     customer = new_customer()
-    state = {"nb_tx_30d": 20.0, "avg_amount_30d": 10.0}
+    state = usual_state(20, 10.0)
     entry = CacheEntry(0.01, state, active_model.version, 1_700_000_000.0, [("LOW_RISK", "f", -1.0)], gen)
     client.set(entity_key(active_model.version, gen, CUSTOMER, customer), entry.encode())
     calm = stub.Score(request(customer, terminal="unknown-terminal", amount=10.0), timeout=2)
@@ -155,7 +172,7 @@ def test_generation_switch_is_picked_up(stub, active_model, redis_url):
     key = active_generation_key(active_model.version)
     old = client.get(key)
     customer = new_customer()
-    entry = CacheEntry(0.99, {"nb_tx_30d": 5.0, "avg_amount_30d": 25.0}, active_model.version, 1.7e9, [], "g-test")
+    entry = CacheEntry(0.99, usual_state(5, 25.0), active_model.version, 1.7e9, [], "g-test")
     client.set(entity_key(active_model.version, "g-test", CUSTOMER, customer), entry.encode())
     try:
         assert stub.Score(request(customer), timeout=2).source == scoring_pb2.MODEL  # not in the active generation
@@ -179,7 +196,7 @@ def test_generation_switch_is_picked_up(stub, active_model, redis_url):
         time.sleep(1.2)
 
 
-def test_cli_score_prints_model_then_cache(scorer):
+def test_cli_score_prints_model_then_cache(scorer, active_model, redis_url):
     customer = new_customer()
 
     def run() -> dict:
@@ -191,12 +208,12 @@ def test_cli_score_prints_model_then_cache(scorer):
         return json.loads(out.stdout)
 
     assert run()["source"] == "MODEL"
-    for _ in range(20):
-        second = run()
-        if second["source"] == "CACHE":
-            break
-        time.sleep(0.1)
-    assert second["source"] == "CACHE"
+    client = redis.Redis.from_url(redis_url)
+    gen = (client.get(active_generation_key(active_model.version)) or b"0").decode()
+    entry = CacheEntry(0.02, usual_state(12, 80.0), active_model.version, 1.7e9, [], gen)
+    client.set(entity_key(active_model.version, gen, CUSTOMER, customer), entry.encode())  # as a nightly run would
+    second = run()
+    assert second["source"] == "CACHE" and second["risk_score"] == pytest.approx(0.02)
 
 
 def test_cli_score_reports_invalid_argument(scorer):

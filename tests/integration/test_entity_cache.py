@@ -1,4 +1,4 @@
-"""EntityCache against a real redis-server: one MGET per read, coalesced NX write-backs."""
+"""EntityCache against a real redis-server: one round trip per read, coalesced NX write-backs, intraday payments."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import time
 import redis
 
 from scoring_service.adapters.redis.entity_cache import CUSTOMER, TERMINAL, CacheEntry, CircuitBreaker, EntityCache
-from scoring_service.core.cache_layout import ONLINE_GENERATION, entity_key
+from scoring_service.core.cache_layout import (
+    INTRADAY_HORIZON_S,
+    INTRADAY_MAX_PAYMENTS,
+    ONLINE_GENERATION,
+    entity_key,
+    intraday_key,
+)
+from scoring_service.core.features.intraday import IntradayPayment
 
 VERSION = "xgb-test-cache"
 
@@ -34,10 +41,11 @@ def test_write_backs_of_one_loop_turn_go_out_together_and_never_overwrite(redis_
         cache.write_back(VERSION, [(CUSTOMER, "c-kept", _entry(0.1))])
         flushes = len(cache._pending_writes)
         await cache.drain()
-        pairs = [await cache.get_pair(VERSION, f"c-{i}", "t-none", 0.5) for i in range(50)]
-        assert await cache.get_pair(VERSION, "c-kept", "t-none", 0.5) == (CacheEntry.decode(sync.get(kept)), None)
+        reads = [await cache.read(VERSION, f"c-{i}", "t-none", 0.5) for i in range(50)]
+        kept_read = await cache.read(VERSION, "c-kept", "t-none", 0.5)
+        assert (kept_read.customer, kept_read.terminal) == (CacheEntry.decode(sync.get(kept)), None)
         await cache.close()
-        return flushes, [c for c, _ in pairs]
+        return flushes, [r.customer for r in reads]
 
     flushes, customers = asyncio.run(run())
     assert flushes == 1
@@ -53,11 +61,37 @@ def test_write_backs_after_a_flush_started_are_not_lost(redis_url: str) -> None:
         await asyncio.sleep(0)  # the first flush starts
         cache.write_back(VERSION, [(CUSTOMER, "late-1", _entry(0.3)), (TERMINAL, "late-t", _entry(0.4))])
         await cache.drain()
-        out = [await cache.get_pair(VERSION, "late-0", "x", 0.5), await cache.get_pair(VERSION, "late-1", "late-t", 0.5)]
+        reads = [await cache.read(VERSION, "late-0", "x", 0.5), await cache.read(VERSION, "late-1", "late-t", 0.5)]
         await cache.close()
-        return out
+        return [(r.customer, r.terminal) for r in reads]
 
     (c0, _), (c1, t1) = asyncio.run(run())
     assert c0 is not None and c0.risk_score == 0.2
     assert c1 is not None and c1.risk_score == 0.3
     assert t1 is not None and t1.risk_score == 0.4
+
+
+def test_intraday_payments_are_read_in_the_same_round_trip_once_per_transaction_and_trimmed(redis_url: str) -> None:
+    sync = redis.Redis.from_url(redis_url)
+    now = time.time()
+
+    async def run() -> tuple[list[IntradayPayment], list[IntradayPayment]]:
+        cache = _cache(redis_url)
+        cache.record_payment("card-i", now - INTRADAY_HORIZON_S - 10, 9.0, "too-old")
+        await cache.drain()
+        for i, (tx, amount) in enumerate([("a", 1.5), ("b", 2.25), ("a", 1.5), ("c|with|bars", 0.0)]):
+            cache.record_payment("card-i", now + i, amount, tx)  # "a" twice: a retried transaction
+        await cache.drain()
+        first = (await cache.read(VERSION, "card-i", "t-none", 0.5)).intraday
+        for i in range(INTRADAY_MAX_PAYMENTS + 5):
+            cache.record_payment("card-many", now + i / 1000, 1.0, f"m{i}")
+        await cache.drain()
+        many = (await cache.read(VERSION, "card-many", "t-none", 0.5)).intraday
+        await cache.close()
+        return first, many
+
+    first, many = asyncio.run(run())
+    assert first == [IntradayPayment(now, 1.5, "a"), IntradayPayment(now + 1, 2.25, "b"),
+                     IntradayPayment(now + 3, 0.0, "c|with|bars")]  # the old one trimmed, the retry once
+    assert 0 < sync.ttl(intraday_key("card-i")) <= INTRADAY_HORIZON_S
+    assert len(many) == INTRADAY_MAX_PAYMENTS and many[0].transaction_id == "m5"  # the newest kept

@@ -9,9 +9,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from scoring_service.adapters.redis.entity_cache import CacheUnavailable
+from scoring_service.adapters.redis.entity_cache import CacheRead, CacheUnavailable
 from scoring_service.core import features
 from scoring_service.core.cache_layout import CacheEntry
+from scoring_service.core.features.intraday import IntradayPayment
 from scoring_service.core.policy import Policy
 from scoring_service.core.validation import Payment
 from scoring_service.online.batcher import MicroBatcher
@@ -30,17 +31,25 @@ def _state(n=10, amount=30.0):
 
 
 class FakeCache:
+    """The EntityCache's interface in memory: entries, write-backs and intraday payments (deduplicated
+    by transaction id, as the sorted set's members are)."""
+
     def __init__(self, customer=None, terminal=None, fail=False):
         self.customer, self.terminal, self.fail = customer, terminal, fail
         self.written = []
+        self.intraday: dict[str, IntradayPayment] = {}
 
     def generation(self, _version):
         return "0"
 
-    async def get_pair(self, *_args):
+    async def read(self, *_args):
         if self.fail:
             raise CacheUnavailable("down")
-        return self.customer, self.terminal
+        customer = self.customer or next((e for kind, _, e in self.written if kind == "c"), None)
+        return CacheRead(customer, self.terminal, sorted(self.intraday.values(), key=lambda p: p.timestamp))
+
+    def record_payment(self, customer_id, timestamp, amount, transaction_id):
+        self.intraday.setdefault(transaction_id, IntradayPayment(timestamp, amount, transaction_id))
 
     def write_back(self, version, entries):
         self.written.extend(entries)
@@ -61,7 +70,9 @@ def _run(scorer, payment=PAYMENT, budget_s=0.1):
     async def main():
         scorer.serving.batcher.start()
         try:
-            return await scorer.score(payment, time.monotonic() + budget_s)
+            result = await scorer.score(payment, time.monotonic() + budget_s)
+            await scorer.drain()  # the background write-back, if any
+            return result
         finally:
             await scorer.serving.batcher.stop()
 

@@ -1,8 +1,10 @@
-"""The online service's Redis adapter: one ``MGET`` per request, short timeouts, a circuit breaker.
+"""The online service's Redis adapter: one round trip per request, short timeouts, a circuit breaker.
 
-The active generation of the serving model version is cached in-process and refreshed in the
-background (``refresh_generation``), so a request costs exactly one round trip. Write-backs of
-freshly scored entities are fire-and-forget: they never hold up an answer.
+A request reads both entities' entries and the card's intraday payments in one pipeline (``MGET``
++ ``ZRANGE``). The active generation of the serving model version is cached in-process and
+refreshed in the background (``refresh_generation``). Write-backs of freshly scored entities and
+the intraday record of every scored payment are fire-and-forget: they never hold up an answer, and
+all those of one event-loop turn go out in one pipeline.
 """
 
 from __future__ import annotations
@@ -10,17 +12,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from scoring_service.adapters.redis.protocol import Arg
 from scoring_service.adapters.redis.resp import PipelinedRedis, RedisReplyError
 from scoring_service.core.cache_layout import (
     CUSTOMER,
+    INTRADAY_HORIZON_S,
+    INTRADAY_MAX_PAYMENTS,
     ONLINE_GENERATION,
     TERMINAL,
     CacheEntry,
     EntityKind,
     active_generation_key,
     entity_key,
+    intraday_key,
+    intraday_member,
+    parse_intraday_member,
 )
+from scoring_service.core.features.intraday import IntradayPayment
 from scoring_service.logging import get_logger
 
 RedisError = (RedisReplyError, OSError, TimeoutError)  # ConnectionError is an OSError
@@ -69,6 +79,24 @@ class CircuitBreaker:
             log.warning("redis.breaker_open", failures=self.consecutive_failures)
 
 
+@dataclass(frozen=True, slots=True)
+class CacheRead:
+    """What one request reads: the customer's and terminal's entries (None: not cached) and the card's intraday payments."""
+
+    customer: CacheEntry | None
+    terminal: CacheEntry | None
+    intraday: list[IntradayPayment]
+
+
+def _intraday_payments(reply: list[bytes]) -> list[IntradayPayment]:
+    """ZRANGE ... WITHSCORES (member, score, member, score, ...) -> payments, oldest first."""
+    out = []
+    for i in range(0, len(reply) - 1, 2):
+        amount, transaction_id = parse_intraday_member(reply[i])
+        out.append(IntradayPayment(float(reply[i + 1]), amount, transaction_id))
+    return out
+
+
 class CacheUnavailable(Exception):
     """The cache could not be read in time (timeout, connection error, or breaker open)."""
 
@@ -83,6 +111,7 @@ class EntityCache:
         self._generations: dict[str, str] = {}
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._queued: list[tuple[str, CacheEntry]] = []
+        self._queued_payments: list[tuple[str, float, float, str]] = []
         self._flush_scheduled = False
 
     def generation(self, model_version: str) -> str:
@@ -105,10 +134,9 @@ class EntityCache:
         self._generations[model_version] = gen
         return gen
 
-    async def get_pair(
-        self, model_version: str, customer_id: str, terminal_id: str, timeout_s: float
-    ) -> tuple[CacheEntry | None, CacheEntry | None]:
-        """Both entities' entries in one round trip; raises CacheUnavailable instead of waiting."""
+    async def read(self, model_version: str, customer_id: str, terminal_id: str, timeout_s: float) -> CacheRead:
+        """Both entities' entries and the card's intraday payments, in one round trip (one pipeline:
+        MGET + ZRANGE); raises CacheUnavailable instead of waiting."""
         if not self.breaker.allow():
             raise CacheUnavailable("circuit breaker open")
         gen = self.generation(model_version)
@@ -117,12 +145,23 @@ class EntityCache:
             entity_key(model_version, gen, TERMINAL, terminal_id),
         )
         try:
-            raw_c, raw_t = await self._client.execute("MGET", *keys, timeout_s=min(timeout_s, self.timeout_s))
+            entries, intraday = await self._client.execute_many(
+                [("MGET", *keys), ("ZRANGE", intraday_key(customer_id), 0, -1, "WITHSCORES")],
+                timeout_s=min(timeout_s, self.timeout_s),
+            )
+            for reply in (entries, intraday):
+                if isinstance(reply, RedisReplyError):
+                    raise reply
         except RedisError as exc:
             self.breaker.failure()
             raise CacheUnavailable(type(exc).__name__) from exc
         self.breaker.success()
-        return (CacheEntry.decode(raw_c) if raw_c else None, CacheEntry.decode(raw_t) if raw_t else None)
+        raw_c, raw_t = entries
+        return CacheRead(
+            CacheEntry.decode(raw_c) if raw_c else None,
+            CacheEntry.decode(raw_t) if raw_t else None,
+            _intraday_payments(intraday),
+        )
 
     def write_back(self, model_version: str, entries: Sequence[tuple[EntityKind, str, CacheEntry]]) -> None:
         """Store freshly computed entries ((kind, id, entry)) in the background, under the active generation.
@@ -133,6 +172,17 @@ class EntityCache:
             return
         gen = self.generation(model_version)
         self._queued.extend((entity_key(model_version, gen, kind, entity_id), entry) for kind, entity_id, entry in entries)
+        self._schedule_flush()
+
+    def record_payment(self, customer_id: str, timestamp: float, amount: float, transaction_id: str) -> None:
+        """Add a scored payment to its card's intraday list, in the background (same pipeline as the
+        write-backs of this loop turn). A transaction already there (a retry) is not added again."""
+        if self.breaker.state == "open":
+            return
+        self._queued_payments.append((customer_id, timestamp, amount, transaction_id))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             task = asyncio.get_running_loop().create_task(self._flush())
@@ -140,21 +190,29 @@ class EntityCache:
             task.add_done_callback(self._pending_writes.discard)
 
     async def _flush(self) -> None:
-        self._flush_scheduled = False  # from here on, new write-backs schedule the next flush
+        self._flush_scheduled = False  # from here on, new writes schedule the next flush
         queued, self._queued = self._queued, []
-        if not queued:
+        payments, self._queued_payments = self._queued_payments, []
+        # NX: never overwrite an entry a batch run (or a concurrent request) wrote.
+        commands: list[tuple[Arg, ...]] = [("SET", key, entry.encode(), "EX", self.ttl_s, "NX") for key, entry in queued]
+        for customer_id, timestamp, amount, transaction_id in payments:
+            key = intraday_key(customer_id)
+            commands += [
+                ("ZADD", key, "NX", repr(timestamp), intraday_member(amount, transaction_id)),
+                ("ZREMRANGEBYSCORE", key, "-inf", f"({timestamp - INTRADAY_HORIZON_S!r}"),
+                ("ZREMRANGEBYRANK", key, 0, -(INTRADAY_MAX_PAYMENTS + 1)),
+                ("EXPIRE", key, INTRADAY_HORIZON_S),
+            ]
+        if not commands:
             return
         try:
-            # NX: never overwrite an entry a batch run (or a concurrent request) wrote.
-            replies = await self._client.execute_many(
-                [("SET", key, entry.encode(), "EX", self.ttl_s, "NX") for key, entry in queued],
-                timeout_s=self.timeout_s * 10)
+            replies = await self._client.execute_many(commands, timeout_s=self.timeout_s * 10)
             errors = [r for r in replies if isinstance(r, RedisReplyError)]
             if errors:
                 raise errors[0]
         except RedisError as exc:
             self.breaker.failure()
-            log.warning("cache.write_back_failed", error=type(exc).__name__, entries=len(queued))
+            log.warning("cache.write_back_failed", error=type(exc).__name__, entries=len(queued), payments=len(payments))
 
     async def drain(self) -> None:
         while self._pending_writes:
@@ -165,4 +223,4 @@ class EntityCache:
         await self._client.aclose()
 
 
-__all__ = ["CUSTOMER", "TERMINAL", "CacheEntry", "CacheUnavailable", "CircuitBreaker", "EntityCache"]
+__all__ = ["CUSTOMER", "TERMINAL", "CacheEntry", "CacheRead", "CacheUnavailable", "CircuitBreaker", "EntityCache"]
