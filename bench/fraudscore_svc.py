@@ -102,6 +102,7 @@ class Service:
     mode: str = "cache-first"
     workers: int = 1
     cpus: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # settings of this variant, on top of the environment's
     port: int = 0
     proc: subprocess.Popen | None = None
 
@@ -111,7 +112,7 @@ class Service:
 
     def describe(self) -> dict:
         return {"server": "fraudscore", "mode": self.mode, "workers": self.workers, "cpus": self.cpus or "all",
-                "model_version": self.envr.model_version, "cache_fill": self.envr.cache_fill}
+                "model_version": self.envr.model_version, "cache_fill": self.envr.cache_fill, "settings": self.env}
 
     def start(self) -> Service:
         from tests.servers.common import free_port
@@ -121,7 +122,7 @@ class Service:
         self.proc = subprocess.Popen(
             [*taskset_prefix(self.cpus), *fraudscore_cmd(), "serve", "--listen", self.address,
              "--workers", str(self.workers), "--mode", self.mode],
-            env=self.envr.env, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
+            env={**self.envr.env, **self.env}, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
         t0 = time.monotonic()
         wait_grpc_ready(self.port, self.proc, 120, check=lambda: grpc_health_serving(self.address))
         log(f"fraudscore serve ({self.mode}, {self.workers} workers) ready on {self.address} in {time.monotonic() - t0:.1f}s")

@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mlserver-configs", default="mlserver,mlserver-batch")
     ap.add_argument("--throwaway-model", action="store_true", help="MLServer serves a model trained here, not fraudscore's")
     ap.add_argument("--note", default="", help="free text kept in the JSON (what changed)")
+    ap.add_argument("--intraday-ab", action="store_true",
+                    help="cache-first mixes twice in this run: FRAUDSCORE_INTRADAY=false, then true (its cost on the hot path)")
     args = ap.parse_args(argv)
     plan = Plan(args.quick)
     lg_cpus, srv_cpus = pinning(args.pin)
@@ -185,14 +187,19 @@ def main(argv=None) -> int:
                                      "cache_fill": envr.cache_fill, "cached_traffic_customers": len(envr.cached_customers)}
             mixes = [m for m in args.mixes.split(",") if m]
             runs = [("cache-first", m) for m in mixes] + [("always-model", "hits")]
-            for mode in ("cache-first", "always-model"):
-                svc = S.Service(envr, mode=mode, workers=args.workers, cpus=srv_cpus).start()
+            variants = [("", {})]
+            if args.intraday_ab:
+                variants = [(" intraday-off", {"FRAUDSCORE_INTRADAY": "false"}),
+                            (" intraday-on", {"FRAUDSCORE_INTRADAY": "true"})]
+            for mode, (label, env) in [("cache-first", v) for v in variants] + [("always-model", variants[-1])]:
+                svc = S.Service(envr, mode=mode, workers=args.workers, cpus=srv_cpus, env=env).start()
                 try:
                     for m in [mm for (md, mm) in runs if md == mode]:
+                        # fresh unseen ids per variant: a variant must not find the other's write-backs
                         path = D.write(CACHE_DIR / f"score-{m}.bin",
-                                       D.score_requests(traffic, m, plan.rows, envr.cached_customers, run_id))
+                                       D.score_requests(traffic, m, plan.rows, envr.cached_customers, run_id + label.strip()))
                         results["scenarios"].append(scenario(
-                            f"fraudscore {mode} {m}", {**svc.describe(), "mix": m}, addr=svc.address, method=S.METHOD,
+                            f"fraudscore {mode} {m}{label}", {**svc.describe(), "mix": m}, addr=svc.address, method=S.METHOD,
                             data=path, pids=svc.pids(), plan=plan, lg_cpus=lg_cpus, offset=[0],
                             extra_pids={"redis": [envr.redis.proc.pid]}, fields=(S.SOURCE_FIELD, S.DEGRADED_FIELD)))
                 finally:

@@ -108,6 +108,7 @@ def scoring_server(settings: Settings, redis_url: str | None) -> ScoringServer:
         entity_cache(settings, redis_url) if redis_url else None,
         model_loader(settings),
         mode=settings.mode,
+        intraday=settings.intraday,
         model_options=model_options(settings),
         request_options=request_options(settings),
         server_options=server_options(settings),

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         "uvloop", description="uvloop (~20 % less CPU per request, bench/HISTORY.md) or the standard asyncio loop."
     )
     mode: ScoringMode = Field(ScoringMode.CACHE_FIRST, description="cache-first or always-model.")
+    intraday: bool = Field(
+        True, description="Keep every scored payment in its card's intraday state (read in the same round trip) "
+        "and judge the next payments with it; false: cached state only, no velocity rules.",
+    )
     budget_ms: float = Field(100.0, gt=0, description="Latency budget per request (never beyond the caller's deadline).")
     redis_timeout_ms: float = Field(15.0, gt=0, description="Socket timeout for cache reads on the request path.")
     breaker_failures: int = Field(5, ge=1, description="Consecutive Redis failures that open the circuit breaker.")

@@ -136,9 +136,10 @@ class ServingModel:
 class Scorer:
     """The Score use case over one cache (None: none configured) in one mode; ``serving`` is swapped whole."""
 
-    def __init__(self, cache: EntityCache | None, mode: ScoringMode = ScoringMode.CACHE_FIRST) -> None:
+    def __init__(self, cache: EntityCache | None, mode: ScoringMode = ScoringMode.CACHE_FIRST, intraday: bool = True) -> None:
         self.cache = cache
         self.mode = mode
+        self.intraday = intraday  # False: no intraday reads or records (cached state only, velocity unknown)
         self.serving: ServingModel | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -148,7 +149,7 @@ class Scorer:
         if serving is None:
             raise NoModelLoaded("no model loaded yet")
         known, degraded = await self._read(serving.version, payment, deadline)
-        if self.cache is not None:
+        if self.cache is not None and self.intraday:
             self.cache.record_payment(payment.customer_id, payment.timestamp, payment.amount, payment.transaction_id)
         if known.from_batch and self.mode is ScoringMode.CACHE_FIRST:
             return self._from_cache(serving, payment, known, degraded)
@@ -161,7 +162,8 @@ class Scorer:
             return Known(None, None, None, None), True
         remaining = deadline - time.monotonic() - _ANSWER_MARGIN_S
         try:
-            read = await self.cache.read(version, payment.customer_id, payment.terminal_id, max(remaining, 0.0))
+            read = await self.cache.read(version, payment.customer_id, payment.terminal_id, max(remaining, 0.0),
+                                         intraday=self.intraday)
         except CacheUnavailable:
             return Known(None, None, None, None), True
         customer = read.customer
@@ -176,7 +178,8 @@ class Scorer:
             # An entry from another schema: score as unseen rather than fail the payment.
             log.warning("cache.malformed_entry", error=repr(exc), model_version=version)
             return Known(None, None, None, None), False
-        velocity = velocity_of(previous_times(read.intraday, payment.timestamp, payment.transaction_id), payment.timestamp)
+        velocity = (velocity_of(previous_times(read.intraday, payment.timestamp, payment.transaction_id), payment.timestamp)
+                    if self.intraday else None)
         return Known(customer, read.terminal, state, velocity), False
 
     def _from_cache(self, serving: ServingModel, payment: Payment, known: Known, degraded: bool) -> ScoreResult:

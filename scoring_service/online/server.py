@@ -44,6 +44,7 @@ class ScoringServer:
         load_model: ModelLoader,
         *,
         mode: ScoringMode,
+        intraday: bool = True,
         model_options: ModelOptions,
         request_options: RequestOptions,
         server_options: ServerOptions,
@@ -54,7 +55,7 @@ class ScoringServer:
         self.model_options = model_options
         self.request_options = request_options
         self.options = server_options
-        self.scorer = Scorer(cache, mode)
+        self.scorer = Scorer(cache, mode, intraday)
         self.health = health.aio.HealthServicer()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._tasks: list[asyncio.Task[None]] = []

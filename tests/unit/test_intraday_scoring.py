@@ -131,3 +131,12 @@ def test_a_nightly_switch_in_the_middle_of_a_burst_loses_and_double_counts_nothi
     cache_first = _score_all(_scorer(cache, []), [_pay(21, 2.0, T0 + 63)])[0]
     assert cache_first.source == CACHE and answers[-1].decision == cache_first.decision == "DECLINE"
     assert ("CARD_VELOCITY_1H_HIGH", "customer_nb_tx_1h", 21.0) in cache_first.reasons
+
+
+def test_with_intraday_state_off_the_service_keeps_and_reads_none():
+    cache, seen = FakeCache(), []
+    scorer = _scorer(cache, seen)
+    scorer.intraday = False
+    answers = _score_all(scorer, [_pay(i, 2.0, T0 + 3 * i) for i in range(1, 21)])
+    assert cache.intraday == {} and all(a.decision == "APPROVE" for a in answers)
+    assert all(row[NB_TX_1D] == 1.0 for row in seen if row[AMOUNT] == 2.0)  # each payment alone

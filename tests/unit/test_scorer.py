@@ -42,11 +42,12 @@ class FakeCache:
     def generation(self, _version):
         return "0"
 
-    async def read(self, *_args):
+    async def read(self, *_args, intraday=True):
         if self.fail:
             raise CacheUnavailable("down")
         customer = self.customer or next((e for kind, _, e in self.written if kind == "c"), None)
-        return CacheRead(customer, self.terminal, sorted(self.intraday.values(), key=lambda p: p.timestamp))
+        payments = sorted(self.intraday.values(), key=lambda p: p.timestamp) if intraday else []
+        return CacheRead(customer, self.terminal, payments)
 
     def record_payment(self, customer_id, timestamp, amount, transaction_id):
         self.intraday.setdefault(transaction_id, IntradayPayment(timestamp, amount, transaction_id))

@@ -134,9 +134,11 @@ class EntityCache:
         self._generations[model_version] = gen
         return gen
 
-    async def read(self, model_version: str, customer_id: str, terminal_id: str, timeout_s: float) -> CacheRead:
-        """Both entities' entries and the card's intraday payments, in one round trip (one pipeline:
-        MGET + ZRANGE); raises CacheUnavailable instead of waiting."""
+    async def read(
+        self, model_version: str, customer_id: str, terminal_id: str, timeout_s: float, *, intraday: bool = True
+    ) -> CacheRead:
+        """Both entities' entries and (``intraday``) the card's intraday payments, in one round trip (one
+        pipeline: MGET + ZRANGE); raises CacheUnavailable instead of waiting."""
         if not self.breaker.allow():
             raise CacheUnavailable("circuit breaker open")
         gen = self.generation(model_version)
@@ -145,22 +147,22 @@ class EntityCache:
             entity_key(model_version, gen, TERMINAL, terminal_id),
         )
         try:
-            entries, intraday = await self._client.execute_many(
-                [("MGET", *keys), ("ZRANGE", intraday_key(customer_id), 0, -1, "WITHSCORES")],
-                timeout_s=min(timeout_s, self.timeout_s),
-            )
-            for reply in (entries, intraday):
+            commands: list[tuple[Arg, ...]] = [("MGET", *keys)]
+            if intraday:
+                commands.append(("ZRANGE", intraday_key(customer_id), 0, -1, "WITHSCORES"))
+            replies = await self._client.execute_many(commands, timeout_s=min(timeout_s, self.timeout_s))
+            for reply in replies:
                 if isinstance(reply, RedisReplyError):
                     raise reply
         except RedisError as exc:
             self.breaker.failure()
             raise CacheUnavailable(type(exc).__name__) from exc
         self.breaker.success()
-        raw_c, raw_t = entries
+        raw_c, raw_t = replies[0]
         return CacheRead(
             CacheEntry.decode(raw_c) if raw_c else None,
             CacheEntry.decode(raw_t) if raw_t else None,
-            _intraday_payments(intraday),
+            _intraday_payments(replies[1]) if intraday else [],
         )
 
     def write_back(self, model_version: str, entries: Sequence[tuple[EntityKind, str, CacheEntry]]) -> None:
