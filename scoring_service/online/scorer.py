@@ -65,6 +65,7 @@ class Known:
     terminal: CacheEntry | None
     state: dict[str, float] | None
     velocity: Velocity | None
+    trim_intraday: bool = True  # the card's intraday list needs trimming (unknown: trim)
 
     @property
     def from_batch(self) -> bool:
@@ -150,7 +151,8 @@ class Scorer:
             raise NoModelLoaded("no model loaded yet")
         known, degraded = await self._read(serving.version, payment, deadline)
         if self.cache is not None and self.intraday:
-            self.cache.record_payment(payment.customer_id, payment.timestamp, payment.amount, payment.transaction_id)
+            self.cache.record_payment(payment.customer_id, payment.timestamp, payment.amount, payment.transaction_id,
+                                      trim=known.trim_intraday)
         if known.from_batch and self.mode is ScoringMode.CACHE_FIRST:
             return self._from_cache(serving, payment, known, degraded)
         return await self._from_model(serving, payment, known, deadline, degraded)
@@ -180,7 +182,7 @@ class Scorer:
             return Known(None, None, None, None), False
         velocity = (velocity_of(previous_times(read.intraday, payment.timestamp, payment.transaction_id), payment.timestamp)
                     if self.intraday else None)
-        return Known(customer, read.terminal, state, velocity), False
+        return Known(customer, read.terminal, state, velocity, read.needs_trim(payment.timestamp)), False
 
     def _from_cache(self, serving: ServingModel, payment: Payment, known: Known, degraded: bool) -> ScoreResult:
         customer = known.customer

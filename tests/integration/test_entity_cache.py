@@ -7,7 +7,7 @@ import time
 
 import redis
 
-from scoring_service.adapters.redis.entity_cache import CUSTOMER, TERMINAL, CacheEntry, CircuitBreaker, EntityCache
+from scoring_service.adapters.redis.entity_cache import CUSTOMER, TERMINAL, CacheEntry, CacheRead, CircuitBreaker, EntityCache
 from scoring_service.core.cache_layout import (
     INTRADAY_HORIZON_S,
     INTRADAY_MAX_PAYMENTS,
@@ -95,3 +95,25 @@ def test_intraday_payments_are_read_in_the_same_round_trip_once_per_transaction_
                      IntradayPayment(now + 3, 0.0, "c|with|bars")]  # the old one trimmed, the retry once
     assert 0 < sync.ttl(intraday_key("card-i")) <= INTRADAY_HORIZON_S
     assert len(many) == INTRADAY_MAX_PAYMENTS and many[0].transaction_id == "m5"  # the newest kept
+
+
+def test_the_list_is_trimmed_only_when_the_read_saw_something_to_trim(redis_url: str) -> None:
+    now = time.time()
+    old, fresh = IntradayPayment(now - INTRADAY_HORIZON_S - 1, 1.0, "old"), IntradayPayment(now - 5, 1.0, "fresh")
+    assert CacheRead(None, None, [old, fresh]).needs_trim(now)
+    assert not CacheRead(None, None, [fresh]).needs_trim(now) and not CacheRead(None, None, []).needs_trim(now)
+    assert CacheRead(None, None, [fresh] * INTRADAY_MAX_PAYMENTS).needs_trim(now)
+
+    async def run() -> list[str]:
+        cache = _cache(redis_url)
+        cache.record_payment("card-t", old.timestamp, 1.0, "old")
+        cache.record_payment("card-t", now, 2.0, "new", trim=False)  # nothing to trim, as far as the reader knew
+        await cache.drain()
+        kept = [p.transaction_id for p in (await cache.read(VERSION, "card-t", "t-none", 0.5)).intraday]
+        cache.record_payment("card-t", now + 1, 3.0, "newer", trim=True)
+        await cache.drain()
+        kept += [p.transaction_id for p in (await cache.read(VERSION, "card-t", "t-none", 0.5)).intraday]
+        await cache.close()
+        return kept
+
+    assert asyncio.run(run()) == ["old", "new", "new", "newer"]

@@ -49,7 +49,7 @@ class FakeCache:
         payments = sorted(self.intraday.values(), key=lambda p: p.timestamp) if intraday else []
         return CacheRead(customer, self.terminal, payments)
 
-    def record_payment(self, customer_id, timestamp, amount, transaction_id):
+    def record_payment(self, customer_id, timestamp, amount, transaction_id, trim=True):
         self.intraday.setdefault(transaction_id, IntradayPayment(timestamp, amount, transaction_id))
 
     def write_back(self, version, entries):

@@ -87,6 +87,11 @@ class CacheRead:
     terminal: CacheEntry | None
     intraday: list[IntradayPayment]
 
+    def needs_trim(self, now: float) -> bool:
+        """The card's list holds payments past the horizon, or as many as are kept (oldest first)."""
+        return len(self.intraday) >= INTRADAY_MAX_PAYMENTS or (
+            bool(self.intraday) and self.intraday[0].timestamp < now - INTRADAY_HORIZON_S)
+
 
 def _intraday_payments(reply: list[bytes]) -> list[IntradayPayment]:
     """ZRANGE ... WITHSCORES (member, score, member, score, ...) -> payments, oldest first."""
@@ -111,7 +116,7 @@ class EntityCache:
         self._generations: dict[str, str] = {}
         self._pending_writes: set[asyncio.Task[None]] = set()
         self._queued: list[tuple[str, CacheEntry]] = []
-        self._queued_payments: list[tuple[str, float, float, str]] = []
+        self._queued_payments: list[tuple[str, float, float, str, bool]] = []
         self._flush_scheduled = False
 
     def generation(self, model_version: str) -> str:
@@ -176,12 +181,15 @@ class EntityCache:
         self._queued.extend((entity_key(model_version, gen, kind, entity_id), entry) for kind, entity_id, entry in entries)
         self._schedule_flush()
 
-    def record_payment(self, customer_id: str, timestamp: float, amount: float, transaction_id: str) -> None:
+    def record_payment(self, customer_id: str, timestamp: float, amount: float, transaction_id: str, *,
+                       trim: bool = True) -> None:
         """Add a scored payment to its card's intraday list, in the background (same pipeline as the
-        write-backs of this loop turn). A transaction already there (a retry) is not added again."""
+        write-backs of this loop turn). A transaction already there (a retry) is not added again.
+        ``trim``: also drop the payments past the horizon and beyond the most kept (the caller,
+        who just read the list, knows when there are any: see :meth:`CacheRead.needs_trim`)."""
         if self.breaker.state == "open":
             return
-        self._queued_payments.append((customer_id, timestamp, amount, transaction_id))
+        self._queued_payments.append((customer_id, timestamp, amount, transaction_id, trim))
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -197,14 +205,15 @@ class EntityCache:
         payments, self._queued_payments = self._queued_payments, []
         # NX: never overwrite an entry a batch run (or a concurrent request) wrote.
         commands: list[tuple[Arg, ...]] = [("SET", key, entry.encode(), "EX", self.ttl_s, "NX") for key, entry in queued]
-        for customer_id, timestamp, amount, transaction_id in payments:
+        for customer_id, timestamp, amount, transaction_id, trim in payments:
             key = intraday_key(customer_id)
-            commands += [
-                ("ZADD", key, "NX", repr(timestamp), intraday_member(amount, transaction_id)),
-                ("ZREMRANGEBYSCORE", key, "-inf", f"({timestamp - INTRADAY_HORIZON_S!r}"),
-                ("ZREMRANGEBYRANK", key, 0, -(INTRADAY_MAX_PAYMENTS + 1)),
-                ("EXPIRE", key, INTRADAY_HORIZON_S),
-            ]
+            commands.append(("ZADD", key, "NX", repr(timestamp), intraday_member(amount, transaction_id)))
+            if trim:
+                commands += [
+                    ("ZREMRANGEBYSCORE", key, "-inf", f"({timestamp - INTRADAY_HORIZON_S!r}"),
+                    ("ZREMRANGEBYRANK", key, 0, -(INTRADAY_MAX_PAYMENTS + 1)),
+                ]
+            commands.append(("EXPIRE", key, INTRADAY_HORIZON_S))
         if not commands:
             return
         try:
