@@ -14,7 +14,7 @@ from scoring_service.cli.common import console, fail
 def score(
     customer: Annotated[str, typer.Option(help="Customer (card) id.")],
     terminal: Annotated[str, typer.Option(help="Terminal id.")],
-    amount: Annotated[float, typer.Option(help="Amount (>= 0).")],
+    amount: Annotated[float, typer.Option(help="Amount, 0 to 10,000,000 in the currency's units (0: a card verification).")],
     address: Annotated[str, typer.Option(help="Service address.")] = "127.0.0.1:50051",
     transaction_id: Annotated[str | None, typer.Option(help="Transaction id (default: generated).")] = None,
     currency: Annotated[str, typer.Option(help="ISO 4217 currency; empty = the service's default.")] = "",
@@ -31,7 +31,7 @@ def score(
 
     request = scoring_pb2.ScoreRequest(
         request_id=uuid.uuid4().hex,
-        transaction=scoring_pb2.Transaction(
+        transaction=scoring_pb2.Transaction(  # setting the amount marks it present, 0 included
             transaction_id=transaction_id or uuid.uuid4().hex, customer_id=customer, terminal_id=terminal,
             amount=amount, currency=currency,
         ),

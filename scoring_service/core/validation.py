@@ -8,8 +8,14 @@ One set of rules, in two forms that share the constants and the messages:
 
 The rules, in the order they are checked (the first failing one is reported): each id is
 required, at most ``MAX_ID_LEN`` characters, printable without surrounding spaces; the amount is
-finite and >= 0 (0 is a card verification); the timestamp is after 2000-01-01 and at most a day
-ahead of now. ``tests/unit/test_validation.py`` checks that both forms agree.
+finite, >= 0 (0 is a card verification) and at most ``MAX_AMOUNT``; the timestamp is after
+2000-01-01 and at most a day ahead of now. ``tests/unit/test_validation.py`` checks that both
+forms agree.
+
+Every number the model sees is bounded by these rules: the features are float32, in which a
+float64 amount such as 1e39 is infinite (XGBoost refuses such a row, and with it its whole
+batch), and sums of squared amounts overflow long before; ``MAX_AMOUNT`` keeps the amount, its
+30-day sums and its squares finite and exact enough in float32.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ MAX_ATTRIBUTE_LEN = 256
 # Payments from before the first card networks, or a day in the future, are clock or unit bugs.
 MIN_TIMESTAMP = 946_684_800.0  # 2000-01-01
 MAX_CLOCK_SKEW_S = 86_400.0
+# The largest amount of one payment, in the units of its currency (10 million: above any card
+# payment, and float32-safe for the features built from it: sums and squares stay finite).
+MAX_AMOUNT = 10_000_000.0
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 ID_FIELDS = ("transaction_id", "customer_id", "terminal_id")  # checked in this order
@@ -37,6 +46,7 @@ ID_TOO_LONG = f"is longer than {MAX_ID_LEN} characters"
 ID_NOT_PRINTABLE = "must be printable, without surrounding spaces"
 AMOUNT_NOT_FINITE = "must be finite"
 AMOUNT_NEGATIVE = "must be >= 0 (0 is a card verification)"
+AMOUNT_TOO_LARGE = f"must be at most {MAX_AMOUNT:,.0f}"
 TIMESTAMP_OUT_OF_RANGE = "must be after 2000-01-01 and at most a day in the future"
 
 
@@ -99,6 +109,8 @@ def validate_payment(
         raise ValidationError(prefix + "amount", f"{AMOUNT_NOT_FINITE}, got {amount}")
     if amount < 0:
         raise ValidationError(prefix + "amount", f"{AMOUNT_NEGATIVE}, got {amount}")
+    if amount > MAX_AMOUNT:
+        raise ValidationError(prefix + "amount", f"{AMOUNT_TOO_LARGE}, got {amount}")
     currency = currency or default_currency
     if not _CURRENCY.match(currency):
         raise ValidationError(prefix + "currency", f"must be an ISO 4217 code like EUR, got {currency!r}")
@@ -113,7 +125,8 @@ def validate_payment(
     for k, v in attributes.items():
         if len(k) > MAX_ATTRIBUTE_LEN or len(v) > MAX_ATTRIBUTE_LEN:
             raise ValidationError(prefix + "attributes", f"keys and values are at most {MAX_ATTRIBUTE_LEN} characters")
-    return Payment(transaction_id, customer_id, terminal_id, float(amount), currency, float(timestamp), attributes)
+    amount = float(amount) + 0.0  # -0.0 -> 0.0
+    return Payment(transaction_id, customer_id, terminal_id, amount, currency, float(timestamp), attributes)
 
 
 # ------------------------------------------------------------------------------------ vectorised
@@ -143,6 +156,7 @@ def validation_reasons(frame: pd.DataFrame, *, now: float | None = None) -> np.n
     amount = frame["amount"].to_numpy(dtype=np.float64)
     with np.errstate(invalid="ignore"):
         reason[~_timestamps_in_range(ts, now)] = f"timestamp: {TIMESTAMP_OUT_OF_RANGE}"
+        reason[amount > MAX_AMOUNT] = f"amount: {AMOUNT_TOO_LARGE}"
         reason[amount < 0] = f"amount: {AMOUNT_NEGATIVE}"
     reason[~np.isfinite(amount)] = f"amount: {AMOUNT_NOT_FINITE}"
     for name in reversed(ID_FIELDS):

@@ -8,7 +8,7 @@ import pytest
 
 from scoring_service.adapters.redis.entity_cache import CircuitBreaker
 from scoring_service.core.cache_layout import CacheEntry, active_generation_key, entity_key
-from scoring_service.online.batcher import MicroBatcher, Overloaded
+from scoring_service.online.batcher import MicroBatcher, ModelFailed, Overloaded
 
 
 def test_concurrent_rows_are_coalesced_and_answered_in_place():
@@ -75,7 +75,7 @@ def test_full_queue_is_backpressure_not_a_hang():
     asyncio.run(main())
 
 
-def test_model_error_fails_the_batch_not_the_batcher():
+def test_model_error_fails_the_row_not_the_batcher():
     n = {"calls": 0}
 
     def fn(x):
@@ -87,12 +87,102 @@ def test_model_error_fails_the_batch_not_the_batcher():
     async def main():
         b = MicroBatcher(fn, max_size=8, max_wait_s=0.0, executor=ThreadPoolExecutor(1))
         b.start()
-        with pytest.raises(ValueError):
+        with pytest.raises(ModelFailed, match="^model error$") as exc:
             await b.submit(np.array([1.0]))
+        assert isinstance(exc.value.__cause__, ValueError)  # the model's own exception, for the log
         assert (await b.submit(np.array([3.0])))[0] == 3.0
         await b.stop()
 
     asyncio.run(main())
+
+
+def _poisoned(calls):
+    """A model that raises for any batch holding a negative row (as XGBoost does for an infinite feature)."""
+
+    def fn(x):
+        calls.append(len(x))
+        if (x[:, 0] < 0).any():
+            raise ValueError("Input data contains `inf`")
+        return x[:, 0] * 10, [f"r{v}" for v in x[:, 0]]
+
+    return fn
+
+
+@pytest.mark.parametrize("inline_max_rows", [0, 64], ids=["model-thread", "inline"])
+def test_a_row_that_makes_the_model_fail_fails_alone(inline_max_rows):
+    calls = []
+
+    async def main():
+        b = MicroBatcher(_poisoned(calls), max_size=64, max_wait_s=0.0, executor=ThreadPoolExecutor(1),
+                         inline_max_rows=inline_max_rows)
+        b.start()
+        values = [1.0, 2.0, -1.0, 3.0, -2.0, 4.0]  # submitted in one turn of the loop: one batch
+        out = await asyncio.gather(*(b.submit(np.array([v])) for v in values), return_exceptions=True)
+        later = await b.submit(np.array([5.0]))  # the batcher goes on
+        await b.stop()
+        return values, out, later
+
+    values, out, later = asyncio.run(main())
+    for v, answer in zip(values, out, strict=True):
+        if v < 0:
+            assert isinstance(answer, ModelFailed) and str(answer) == "model error"
+            assert isinstance(answer.__cause__, ValueError)
+        else:
+            assert answer == (v * 10, f"r{v}")
+    assert later == (50.0, "r5.0")
+    assert calls == [6] + [1] * 6 + [1]  # the failed batch of six, each of its rows alone, then the next one
+
+
+def test_rows_that_gave_up_while_the_batch_failed_are_skipped():
+    def fn(x):
+        raise RuntimeError("model broken")
+
+    async def main():
+        b = MicroBatcher(fn, max_size=8, max_wait_s=0.0, executor=ThreadPoolExecutor(1), inline_max_rows=8)
+        b.start()
+        out = await asyncio.gather(*(b.submit(np.array([float(i)])) for i in range(5)), return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = asyncio.run(main())
+    assert all(isinstance(e, ModelFailed) and isinstance(e.__cause__, RuntimeError) for e in out)
+
+
+def test_the_batcher_yields_between_batches_so_answers_and_timeouts_are_not_held_back():
+    """A burst that fills the queue, scored inline: answered requests go on after their own batch
+    and requests out of time give up (and are skipped) instead of waiting for the whole queue."""
+    calls = []
+
+    def fn(x):
+        calls.append(len(x))
+        time.sleep(0.01)  # an inline model call: the event loop is busy for 10 ms
+        return x[:, 0], [None] * len(x)
+
+    async def main():
+        b = MicroBatcher(fn, max_size=4, max_wait_s=0.0, executor=ThreadPoolExecutor(1), inline_max_rows=4)
+        b.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        done_at = {}
+
+        async def one(i):
+            try:
+                async with asyncio.timeout(0.035):
+                    await b.submit(np.array([float(i)]))
+                done_at[i] = loop.time() - t0
+            except TimeoutError:
+                done_at[i] = None
+
+        await asyncio.gather(*(one(i) for i in range(40)))
+        await b.stop()
+        return done_at
+
+    done_at = asyncio.run(main())
+    answered = [t for t in done_at.values() if t is not None]
+    # the first batches' answers did not wait for the whole queue (10 batches: 100 ms)
+    assert answered and min(answered) < 0.03 and max(answered) < 0.07
+    assert sum(t is None for t in done_at.values()) > 0  # the rest gave up at their deadline ...
+    assert sum(calls) < 40  # ... and were not scored after it
 
 
 def test_breaker_opens_then_half_opens_then_closes():
@@ -139,17 +229,37 @@ def test_small_batches_run_inline_and_large_ones_in_the_executor():
                          inline_max_rows=4)
         b.start()
         one = await b.submit(np.array([1.0]))
-        # an inline batch that fails fails its own requests only
-        bad = await asyncio.gather(b.submit(np.array([0.0])), b.submit(np.array([0.0])), return_exceptions=True)
+        # an inline batch that fails is scored again row by row, in the model thread: each row alone succeeds
+        retried = await asyncio.gather(b.submit(np.array([0.0])), b.submit(np.array([0.0])), return_exceptions=True)
         many = await asyncio.gather(*(b.submit(np.array([float(i)])) for i in range(6)))
         await b.stop()
-        return one, bad, many
+        return one, retried, many
 
-    one, bad, many = asyncio.run(main())
+    one, retried, many = asyncio.run(main())
     assert one == (2.0, None) and many == [(float(i) + 1, None) for i in range(6)]
-    assert all(isinstance(e, ValueError) for e in bad)
+    assert retried == [(1.0, None), (1.0, None)]
     main_thread = threading.main_thread().name
-    assert where[0] == (1, main_thread) and where[1] == (2, main_thread)
-    assert sum(n for n, _ in where[2:]) == 6
-    assert all(name.startswith("model") if n > 4 else name == main_thread for n, name in where[2:])
-    assert any(n > 4 for n, _ in where[2:])  # the six queued together: at least one batch went to the model thread
+    assert where[:2] == [(1, main_thread), (2, main_thread)]
+    assert [n for n, _ in where[2:4]] == [1, 1] and all(name.startswith("model") for _, name in where[2:4])
+    assert sum(n for n, _ in where[4:]) == 6
+    assert all(name.startswith("model") if n > 4 else name == main_thread for n, name in where[4:])
+    assert any(n > 4 for n, _ in where[4:])  # the six queued together: at least one batch went to the model thread
+
+
+def test_no_model_thread_fails_the_batch_not_the_batcher():
+    def fn(x):
+        return x[:, 0], [None] * len(x)
+
+    async def main():
+        executor = ThreadPoolExecutor(1)
+        executor.shutdown()  # as on the way out of a stopping server
+        b = MicroBatcher(fn, max_size=8, max_wait_s=0.0, executor=executor, inline_max_rows=1)
+        b.start()
+        out = await asyncio.gather(*(b.submit(np.array([float(i)])) for i in range(3)), return_exceptions=True)
+        alone = await b.submit(np.array([7.0]))  # inline: still answered
+        await b.stop()
+        return out, alone
+
+    out, alone = asyncio.run(main())
+    assert all(isinstance(e, ModelFailed) and isinstance(e.__cause__, RuntimeError) for e in out)
+    assert alone == (7.0, None)

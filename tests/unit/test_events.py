@@ -14,6 +14,7 @@ from scoring_service.adapters.files.event_source import FileEventSource
 from scoring_service.adapters.files.payments_file import PaymentsFileError, read_payments_file
 from scoring_service.adapters.kafka import codec
 from scoring_service.core import events
+from scoring_service.core.validation import MAX_AMOUNT
 from scoring_service.protos import events_pb2
 
 NOW = 1_800_000_000.0
@@ -59,6 +60,8 @@ def test_zero_amount_is_valid_card_verification():
         ("amount", -1.0, "amount: must be >= 0"),
         ("amount", math.inf, "amount: must be finite"),
         ("amount", math.nan, "amount: must be finite"),
+        ("amount", MAX_AMOUNT * 1.000001, "amount: must be at most 10,000,000"),
+        ("amount", 1e39, "amount: must be at most"),
     ],
 )
 def test_invalid_payments_are_rejected_with_reason(field, value, reason):
@@ -71,6 +74,25 @@ def test_invalid_payments_are_rejected_with_reason(field, value, reason):
     assert reason in r.reason and (r.partition, r.offset, r.key) == (3, 42, b"k")
     with pytest.raises(events.EventError):
         codec.validate_payment_event(e, now=NOW)
+
+
+def test_an_event_without_amount_is_a_dead_letter_and_zero_is_not():
+    e = events_pb2.PaymentEvent(transaction_id="t1", customer_id="c1", terminal_id="m1")
+    e.timestamp.FromSeconds(1_533_000_000)
+    assert not e.HasField("amount")
+    zero = events_pb2.PaymentEvent()
+    zero.CopyFrom(e)
+    zero.amount = 0.0  # sent explicitly: a card verification
+    out = codec.decode_payments([("p", 0, 1, b"k", e.SerializeToString()), ("p", 0, 2, b"k", zero.SerializeToString())],
+                                now=NOW)
+    assert [r.reason for r in out.rejected] == ["amount: is required"] and out.rejected[0].offset == 1
+    assert list(out.frame["amount"]) == [0.0]
+    with pytest.raises(events.EventError, match="amount: is required"):
+        codec.validate_payment_event(e, now=NOW)
+    codec.validate_payment_event(zero, now=NOW)
+    # the encoder always marks the amount present, 0 included
+    ev = events_pb2.PaymentEvent.FromString(codec.encode_payment("t", "c", "m", 0.0, 1_533_000_000_000_000))
+    assert ev.HasField("amount") and ev.amount == 0.0
 
 
 def test_bad_timestamps_and_garbage_are_rejected():
@@ -136,7 +158,7 @@ def test_handbook_file_columns_are_normalised(tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(
     tx=st.text(min_size=1, max_size=128).filter(lambda s: s.isprintable() and s == s.strip()),
-    amount=st.floats(min_value=0, max_value=1e9, allow_nan=False),
+    amount=st.floats(min_value=0, max_value=MAX_AMOUNT, allow_nan=False),
     secs=st.integers(min_value=946_684_800, max_value=int(NOW)),
 )
 def test_valid_events_roundtrip(tx, amount, secs):

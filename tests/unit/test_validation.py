@@ -1,11 +1,13 @@
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from scoring_service.core.validation import (
+    MAX_AMOUNT,
     MAX_CLOCK_SKEW_S,
     MAX_ID_LEN,
     MIN_TIMESTAMP,
@@ -33,11 +35,22 @@ def test_zero_amount_is_a_valid_card_verification():
     assert _ok(amount=0.0).amount == 0.0
 
 
-@pytest.mark.parametrize("amount", [-0.01, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("amount", [-0.01, math.nan, math.inf, -math.inf, MAX_AMOUNT * (1 + 1e-15), 1e39, 1.7e308])
 def test_bad_amounts_name_the_field(amount):
     with pytest.raises(ValidationError) as exc:
         _ok(amount=amount)
     assert exc.value.field == "transaction.amount"
+
+
+def test_amount_bounds_are_inclusive_and_every_valid_amount_is_finite_in_float32():
+    assert _ok(amount=MAX_AMOUNT).amount == MAX_AMOUNT
+    assert _ok(amount=5e-324).amount == 5e-324  # subnormal: valid (it is 0 in float32)
+    assert math.copysign(1.0, _ok(amount=-0.0).amount) == 1.0  # -0.0 is 0, stored as 0.0
+    with pytest.raises(ValidationError, match=r"transaction.amount: must be at most 10,000,000, got 1e\+39"):
+        _ok(amount=1e39)
+    # what the features make of the largest amount: the amount, sums of 1,000 payments, squares
+    assert np.isfinite(np.float32(MAX_AMOUNT)) and np.isfinite(np.float32(MAX_AMOUNT * 1000))
+    assert np.isfinite(np.float32(MAX_AMOUNT**2 * 1000))
 
 
 @pytest.mark.parametrize("field", ["transaction_id", "customer_id", "terminal_id"])
@@ -67,9 +80,9 @@ def test_bad_currency_and_attributes():
         _ok(attributes={str(i): "x" for i in range(100)})
 
 
-@given(st.floats(allow_nan=True, allow_infinity=True))
+@given(st.floats(allow_nan=True, allow_infinity=True) | st.floats(min_value=MAX_AMOUNT / 2, max_value=MAX_AMOUNT * 2))
 def test_amount_rule_holds_for_every_float(amount):
-    if math.isfinite(amount) and amount >= 0:
+    if math.isfinite(amount) and 0 <= amount <= MAX_AMOUNT:
         assert _ok(amount=amount).amount == amount
     else:
         with pytest.raises(ValidationError):
@@ -85,6 +98,12 @@ RULE_CASES = [  # (overrides of BASE, the field reported; None = valid)
     ({"amount": math.nan}, "amount"),
     ({"amount": math.inf}, "amount"),
     ({"amount": -math.inf}, "amount"),
+    ({"amount": MAX_AMOUNT}, None),
+    ({"amount": np.nextafter(MAX_AMOUNT, math.inf)}, "amount"),
+    ({"amount": 1e39}, "amount"),  # finite in float64, infinite in the model's float32
+    ({"amount": -0.0}, None),
+    ({"amount": 5e-324}, None),
+    ({"amount": 1e39, "timestamp": 0.0}, "amount"),
     ({"transaction_id": ""}, "transaction_id"),
     ({"customer_id": "c" * (MAX_ID_LEN + 1)}, "customer_id"),
     ({"customer_id": "c" * MAX_ID_LEN}, None),

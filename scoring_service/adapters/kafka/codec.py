@@ -7,7 +7,9 @@
 
 Decoding validates with the online service's rules, vectorised
 (``scoring_service.core.validation.validation_reasons``): a nightly run decodes millions of
-events. What cannot be decoded or is invalid comes back as :class:`~scoring_service.core.events.Rejected`.
+events. What cannot be decoded or is invalid comes back as :class:`~scoring_service.core.events.Rejected`;
+a payment event without an amount (``optional double amount``: absent is not 0) or without a
+timestamp is rejected too.
 """
 
 from __future__ import annotations
@@ -116,8 +118,14 @@ class DecodedPayments:
     rejected: list[Rejected] = field(default_factory=list)
 
 
+AMOUNT_REQUIRED = "amount: is required"
+TIMESTAMP_REQUIRED = "timestamp: is required"
+
+
 def validate_payment_event(ev: Any, *, now: float | None = None) -> None:
     """Raise :class:`EventError` for one ``PaymentEvent`` (the vectorised rules on one row)."""
+    if not ev.HasField("amount"):
+        raise EventError(AMOUNT_REQUIRED)
     ts = ev.timestamp.seconds + ev.timestamp.nanos / 1e9 if ev.HasField("timestamp") else math.nan
     frame = pd.DataFrame({"transaction_id": [ev.transaction_id], "customer_id": [ev.customer_id],
                           "terminal_id": [ev.terminal_id], "amount": [ev.amount], "ts_s": [ts]})
@@ -149,8 +157,11 @@ def decode_payments(messages: Iterable[RawMessage], *, now: float | None = None)
         if ev is None:
             rejected.append(Rejected(topic, part, off, key, value, why))
             continue
+        if not ev.HasField("amount"):
+            rejected.append(Rejected(topic, part, off, key, value, AMOUNT_REQUIRED))
+            continue
         if not ev.HasField("timestamp"):
-            rejected.append(Rejected(topic, part, off, key, value, "timestamp: is required"))
+            rejected.append(Rejected(topic, part, off, key, value, TIMESTAMP_REQUIRED))
             continue
         tx.append(ev.transaction_id)
         cu.append(ev.customer_id)
