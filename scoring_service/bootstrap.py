@@ -97,8 +97,11 @@ def request_options(settings: Settings) -> RequestOptions:
 
 
 def server_options(settings: Settings) -> ServerOptions:
+    # In-flight calls get the request budget and 2 s more to finish once the drain is over.
     return ServerOptions(listen=settings.listen, registry_poll_s=settings.registry_poll_s,
-                         metrics_port=settings.metrics_port)
+                         metrics_port=settings.metrics_port, drain_s=settings.drain_s,
+                         stop_grace_s=settings.budget_ms / 1000.0 + 2.0, max_in_flight=settings.max_in_flight,
+                         min_call_time_ms=settings.min_call_time_ms, pushback_ms=int(settings.budget_ms))
 
 
 def scoring_server(settings: Settings, redis_url: str | None) -> ScoringServer:
@@ -109,17 +112,19 @@ def scoring_server(settings: Settings, redis_url: str | None) -> ScoringServer:
         model_loader(settings),
         mode=settings.mode,
         intraday=settings.intraday,
+        fallback_min_decision=settings.fallback_min_decision,
         model_options=model_options(settings),
         request_options=request_options(settings),
         server_options=server_options(settings),
     )
 
 
-def serve(settings: Settings, redis_url: str | None) -> None:
-    """Run one server process on the configured event loop until SIGTERM/SIGINT."""
+def serve(settings: Settings, redis_url: str | None, parent_pid: int | None = None) -> None:
+    """Run one server process on the configured event loop until SIGTERM/SIGINT (or, for a worker
+    of ``--workers N``, until its parent ``parent_pid`` is gone), then drain and stop."""
     metrics_addr = settings.listen.rsplit(":", 1)[0].strip("[]")
     server = scoring_server(settings, redis_url)
-    run_event_loop(serve_until_signalled(server, settings.metrics_port, metrics_addr), settings.event_loop)
+    run_event_loop(serve_until_signalled(server, settings.metrics_port, metrics_addr, parent_pid), settings.event_loop)
 
 
 # ---- batch jobs

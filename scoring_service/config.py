@@ -40,7 +40,18 @@ class Settings(BaseSettings):
     )
     kafka_topic_prefix: str = Field("fraudscore", description="Topics: <prefix>.payments, .labels, .dead-letter.")
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address.")
-    workers: int = Field(1, ge=1, description="Server processes sharing the port (SO_REUSEPORT).")
+    workers: int = Field(
+        1, ge=1, description="Server processes sharing the port (SO_REUSEPORT); one that dies is restarted (with backoff)."
+    )
+    allow_shared_port: bool = Field(
+        False, description="Start even when another process already serves the port (it would share it through "
+        "SO_REUSEPORT and take part of the connections); false: refuse to start, exit 1.",
+    )
+    drain_s: float = Field(
+        5.0, ge=0, description="On SIGTERM, seconds health says NOT_SERVING while the server still serves (load balancers "
+        "stop routing); then in-flight calls finish and it exits 0. Kubernetes' terminationGracePeriodSeconds must exceed "
+        "it (drain + budget + ~3 s).",
+    )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="uvloop (~20 % less CPU per request, bench/HISTORY.md) or the standard asyncio loop."
     )
@@ -48,6 +59,17 @@ class Settings(BaseSettings):
     intraday: bool = Field(
         True, description="Keep every scored payment in its card's intraday state (read in the same round trip) "
         "and judge the next payments with it; false: cached state only, no velocity rules.",
+    )
+    max_in_flight: int = Field(
+        128, ge=1, description="Payments in flight per process (a ScoreBatch counts its items) past which calls get "
+        "RESOURCE_EXHAUSTED at once, with grpc-retry-pushback-ms: about what one process answers in one budget.",
+    )
+    min_call_time_ms: float = Field(
+        2.0, ge=0, description="A call whose deadline leaves less than this gets DEADLINE_EXCEEDED before any work.",
+    )
+    fallback_min_decision: Literal["APPROVE", "REVIEW", "DECLINE"] = Field(
+        "REVIEW", description="The weakest decision of a FALLBACK answer (the model was skipped: overload, timeout). "
+        "REVIEW fails closed: an overloaded service never silently approves; APPROVE fails open.",
     )
     budget_ms: float = Field(100.0, gt=0, description="Latency budget per request (never beyond the caller's deadline).")
     redis_timeout_ms: float = Field(15.0, gt=0, description="Socket timeout for cache reads on the request path.")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +15,7 @@ from scoring_service import bootstrap
 from scoring_service.cli.common import cli_settings, fail
 from scoring_service.config import ScoringMode, Settings
 from scoring_service.logging import configure_logging, get_logger
+from scoring_service.online.runtime import PortInUse, claim_port, die_with_parent, join_workers
 
 
 def _worker_settings(settings: Settings, index: int) -> Settings:
@@ -21,25 +25,67 @@ def _worker_settings(settings: Settings, index: int) -> Settings:
     return settings.model_copy(update={"metrics_port": settings.metrics_port + index})
 
 
-def _worker_main(settings_json: str, redis_url: str | None) -> None:
+def _worker_main(settings_json: str, redis_url: str | None, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.log_format, settings.log_level)
-    bootstrap.serve(settings, redis_url)
+    bootstrap.serve(settings, redis_url, parent_pid)
+
+
+def _serve_workers(settings: Settings, redis_url: str | None) -> None:
+    """``--workers N``: start them, restart those that die, forward SIGTERM/SIGINT, return once all have drained."""
+    ctx = multiprocessing.get_context("spawn")
+    parent_pid = os.getpid()
+
+    def start_worker(index: int) -> BaseProcess:
+        proc = ctx.Process(target=_worker_main, name=f"scorer-{index}",
+                           args=(_worker_settings(settings, index).model_dump_json(), redis_url, parent_pid))
+        proc.start()
+        return proc
+
+    procs = [start_worker(i) for i in range(settings.workers)]
+    get_logger("fraudscore.serve").info("server.workers", count=len(procs), pids=[p.pid for p in procs])
+    options = bootstrap.server_options(settings)
+    codes = join_workers(procs, start_worker, stop_timeout_s=options.drain_s + options.stop_grace_s + 10.0)
+    # A worker signalled before its event loop ran (still loading) stopped with the signal: it served nothing.
+    if any(code not in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes):
+        fail(f"worker exit codes {codes}", 1)
 
 
 def serve(
     listen: Annotated[str | None, typer.Option(help="Address to listen on [FRAUDSCORE_LISTEN, 127.0.0.1:50051].")] = None,
-    workers: Annotated[int | None, typer.Option(help="Server processes sharing the port [FRAUDSCORE_WORKERS, 1].")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Server processes sharing the port; one that dies is restarted [FRAUDSCORE_WORKERS, 1].")
+    ] = None,
     mode: Annotated[ScoringMode | None, typer.Option(help="cache-first or always-model [FRAUDSCORE_MODE].")] = None,
     device: Annotated[str | None, typer.Option(help="Model device: auto, cpu, cuda [FRAUDSCORE_DEVICE].")] = None,
     budget_ms: Annotated[float | None, typer.Option(help="Latency budget per request in ms [FRAUDSCORE_BUDGET_MS, 100].")] = None,
     data_dir: Annotated[
         Path | None, typer.Option(help="Data folder for SQLite, models, embedded Redis [FRAUDSCORE_DATA_DIR, ./var].")
     ] = None,
+    drain_s: Annotated[
+        float | None, typer.Option(help="On SIGTERM: seconds of NOT_SERVING health while still serving [FRAUDSCORE_DRAIN_S, 5].")
+    ] = None,
+    allow_shared_port: Annotated[
+        bool | None, typer.Option("--allow-shared-port", help="Start even if another process serves the port "
+                                  "(SO_REUSEPORT shares it) [FRAUDSCORE_ALLOW_SHARED_PORT]; default: refuse, exit 1.")
+    ] = None,
 ) -> None:
-    """Run the gRPC scoring service (embedded defaults: SQLite, in-process valkey, a demo model)."""
-    settings = cli_settings(listen=listen, workers=workers, mode=mode, device=device, budget_ms=budget_ms, data_dir=data_dir)
+    """Run the gRPC scoring service (embedded defaults: SQLite, in-process valkey, a demo model).
+
+    SIGTERM drains: health NOT_SERVING at once, still serving for the drain period, then the calls
+    in flight finish and it exits 0. With --workers N, a worker that dies is restarted.
+    """
+    settings = cli_settings(listen=listen, workers=workers, mode=mode, device=device, budget_ms=budget_ms, data_dir=data_dir,
+                            drain_s=drain_s, allow_shared_port=allow_shared_port)
     log = get_logger("fraudscore.serve")
+    port_lock = None
+    if not settings.allow_shared_port:
+        try:
+            port_lock = claim_port(settings.listen)
+        except PortInUse as exc:
+            fail(f"{exc}: not starting a second server on it. Stop the other one or choose another --listen; "
+                 "--allow-shared-port (FRAUDSCORE_ALLOW_SHARED_PORT=true) shares the port on purpose.", 1)
     from scoring_service.adapters.model.gbdt import choose_device
 
     log.info("model.device", requested=settings.device, chosen=choose_device(settings.device))
@@ -52,24 +98,13 @@ def serve(
         bootstrap.ensure_model(settings)
         if settings.workers == 1:
             bootstrap.serve(settings, redis_url)
-            return
-        ctx = multiprocessing.get_context("spawn")
-        procs = [
-            ctx.Process(target=_worker_main, args=(_worker_settings(settings, i).model_dump_json(), redis_url),
-                        name=f"scorer-{i}")
-            for i in range(settings.workers)
-        ]
-        for p in procs:
-            p.start()
-        log.info("server.workers", count=len(procs), pids=[p.pid for p in procs])
-        from scoring_service.online.runtime import join_workers
-
-        codes = join_workers(procs)
-        if any(codes):
-            fail(f"worker exit codes {codes}", 1)
+        else:
+            _serve_workers(settings, redis_url)
     finally:
         if embedded is not None:
             embedded.stop()
+        if port_lock is not None:
+            port_lock.close()
 
 
 def register(app: typer.Typer) -> None:

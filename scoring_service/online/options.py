@@ -47,9 +47,20 @@ class RequestOptions:
 
 @dataclass(frozen=True, slots=True)
 class ServerOptions:
-    """One server process: where it listens and how often it looks for a newly activated model."""
+    """One server process: where it listens, how often it looks for a newly activated model, how it stops.
+
+    Stopping (SIGTERM): health turns NOT_SERVING at once and the server keeps serving for
+    ``drain_s`` (load balancers stop routing to it); then it accepts no new call and gives the
+    calls in flight up to ``stop_grace_s`` to finish (more than the request budget), then waits
+    for the background write-backs.
+    """
 
     listen: str = "127.0.0.1:50051"
     registry_poll_s: float = 2.0
     generation_poll_s: float = 1.0
     metrics_port: int | None = None
+    drain_s: float = 5.0
+    stop_grace_s: float = 2.1
+    max_in_flight: int = 128  # payments in flight past which calls get RESOURCE_EXHAUSTED (online/admission.py)
+    min_call_time_ms: float = 2.0  # a call whose deadline leaves less gets DEADLINE_EXCEEDED before any work
+    pushback_ms: int = 100  # grpc-retry-pushback-ms sent with RESOURCE_EXHAUSTED

@@ -41,10 +41,10 @@ from scoring_service.core import entity_scoring, features
 from scoring_service.core.cache_layout import BATCH, ONLINE
 from scoring_service.core.features.intraday import merged_customer_state, previous_times
 from scoring_service.core.features.velocity import Velocity, velocity_of
-from scoring_service.core.policy import Policy, Reason, combine_entities
+from scoring_service.core.policy import APPROVE, DECLINE, REVIEW, Policy, Reason, combine_entities
 from scoring_service.core.validation import Payment
 from scoring_service.logging import get_logger
-from scoring_service.online.batcher import MicroBatcher, Overloaded
+from scoring_service.online.batcher import MicroBatcher, ModelFailed, Overloaded
 from scoring_service.online.options import ModelOptions, ReasonMethod, ScoringMode
 
 log = get_logger(__name__)
@@ -137,9 +137,13 @@ class ServingModel:
 class Scorer:
     """The Score use case over one cache (None: none configured) in one mode; ``serving`` is swapped whole."""
 
-    def __init__(self, cache: EntityCache | None, mode: ScoringMode = ScoringMode.CACHE_FIRST, intraday: bool = True) -> None:
+    def __init__(
+        self, cache: EntityCache | None, mode: ScoringMode = ScoringMode.CACHE_FIRST, intraday: bool = True,
+        fallback_min_decision: str = REVIEW,
+    ) -> None:
         self.cache = cache
         self.mode = mode
+        self.fallback_min_decision = fallback_min_decision  # fail closed: a FALLBACK answer is at least this
         self.intraday = intraday  # False: no intraday reads or records (cached state only, velocity unknown)
         self.serving: ServingModel | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -228,7 +232,7 @@ class Scorer:
         try:
             async with asyncio.timeout(_WRITE_BACK_TIMEOUT_S):
                 risk, reasons = await serving.batcher.submit(features.online_features_many([row])[0])
-        except (TimeoutError, Overloaded):
+        except (TimeoutError, Overloaded, ModelFailed):
             return  # the card stays unknown to the cache; its next payment goes to the model again
         entry = CacheEntry(risk_score=float(risk), state=state, model_version=serving.version,
                            computed_at=payment.timestamp, reasons=list(reasons), origin=ONLINE,
@@ -237,11 +241,15 @@ class Scorer:
 
     def _fallback(self, serving: ServingModel, payment: Payment, known: Known) -> ScoreResult:
         """The model could not answer in time: the cached entity risk (0 when none) with the
-        payment-level policy on top, flagged degraded."""
+        payment-level policy on top, flagged degraded, and never a weaker decision than
+        ``fallback_min_decision`` (fail closed: REVIEW by default, so an overloaded service never
+        silently approves what the model might have declined)."""
         base, reasons = known.entity_risk()
         risk, reasons = serving.policy.apply(base, reasons, payment.amount, known.state, serving.top_k, known.velocity)
-        if not reasons:
-            reasons = [("MODEL_UNAVAILABLE", "", 0.0)]
+        floor = {APPROVE: 0.0, REVIEW: serving.policy.review, DECLINE: serving.policy.decline}[self.fallback_min_decision]
+        if risk < floor or not reasons:
+            risk = max(risk, floor)
+            reasons = [("MODEL_UNAVAILABLE", "", 0.0), *reasons][: serving.top_k]
         return ScoreResult(risk, serving.policy.decide(risk), FALLBACK, serving.version, reasons, time.time(), True)
 
     async def drain(self) -> None:

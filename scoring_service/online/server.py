@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,16 +24,75 @@ from scoring_service.adapters.model.gbdt import GbdtModel, ModelError
 from scoring_service.adapters.redis.entity_cache import EntityCache
 from scoring_service.adapters.sql.registry import ModelRecord, Registry
 from scoring_service.logging import get_logger
+from scoring_service.online.admission import AdmissionControl
 from scoring_service.online.options import ModelOptions, RequestOptions, ScoringMode, ServerOptions
 from scoring_service.online.scorer import Scorer, ServingModel
-from scoring_service.online.servicer import FraudScoringServicer
-from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
+from scoring_service.online.servicer import FraudScoringServicer, add_to_server
+from scoring_service.protos import scoring_pb2
 
 log = get_logger(__name__)
 
 ModelLoader = Callable[[ModelRecord], GbdtModel]  # checks the artifact; raises ModelError
 
 SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["FraudScoring"].full_name
+
+# The end of a drain (``ScoringServer.stop``): how long no new call must have arrived before the
+# server stops, at most how long it waits for that, and how long its GOAWAY gets to leave before the
+# answers held back meanwhile go out; what an answer keeps back from its caller's deadline.
+_CLOSE_QUIET_S = 0.02
+_CLOSE_MAX_S = 0.25
+_GOAWAY_S = 0.02
+_DEADLINE_MARGIN_S = 0.005
+
+
+class HeldAnswers:
+    """The servicer, with its answers held back at the very end of a drain (``ScoringServer.stop``).
+
+    grpc-core cancels (CANCELLED: for the caller, maybe processed) every call that reaches the
+    server after its shutdown began, or that still waits to be picked up then. So, before shutting
+    down, the server holds each answer it finishes until its GOAWAY has gone out (a fraction of a
+    second; never past the caller's deadline): a client waiting for its answer sends nothing new
+    meanwhile, and one that gets it learns first that the connection is closing, so its next call
+    goes to a new connection, which is refused (UNAVAILABLE: not processed).
+    """
+
+    def __init__(self, servicer: Any) -> None:
+        self._servicer = servicer
+        self.closing = False
+        self.last_call = 0.0  # when the last call arrived while closing
+        self._released = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:  # any other method of the servicer, as it is
+        return getattr(self._servicer, name)
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def _hold(self, context: grpc.aio.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        timeout = None if remaining is None else remaining - _DEADLINE_MARGIN_S
+        if self._released.is_set() or (timeout is not None and timeout <= 0):
+            return
+        try:
+            await asyncio.wait_for(self._released.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def Score(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        if self.closing:
+            self.last_call = time.monotonic()
+        answer = await self._servicer.Score(request, context)
+        if self.closing:
+            await self._hold(context)
+        return answer
+
+    async def ScoreBatch(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        if self.closing:
+            self.last_call = time.monotonic()
+        answer = await self._servicer.ScoreBatch(request, context)
+        if self.closing:
+            await self._hold(context)
+        return answer
 
 
 class ScoringServer:
@@ -45,6 +106,7 @@ class ScoringServer:
         *,
         mode: ScoringMode,
         intraday: bool = True,
+        fallback_min_decision: str = "REVIEW",
         model_options: ModelOptions,
         request_options: RequestOptions,
         server_options: ServerOptions,
@@ -55,10 +117,11 @@ class ScoringServer:
         self.model_options = model_options
         self.request_options = request_options
         self.options = server_options
-        self.scorer = Scorer(cache, mode, intraday)
+        self.scorer = Scorer(cache, mode, intraday, fallback_min_decision)
         self.health = health.aio.HealthServicer()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._tasks: list[asyncio.Task[None]] = []
+        self._answers = HeldAnswers(FraudScoringServicer(self.scorer, request_options))
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -104,14 +167,19 @@ class ScoringServer:
                 await self.cache.refresh_generation(serving.version)
 
     async def start(self) -> int:
+        admission = AdmissionControl(
+            {f"/{SERVICE_NAME}/Score", f"/{SERVICE_NAME}/ScoreBatch"}, max_in_flight=self.options.max_in_flight,
+            min_time_s=self.options.min_call_time_ms / 1000.0, pushback_ms=self.options.pushback_ms,
+        )
         self.server = grpc.aio.server(
+            interceptors=[admission],
             options=[
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        scoring_pb2_grpc.add_FraudScoringServicer_to_server(FraudScoringServicer(self.scorer, self.request_options), self.server)
+        add_to_server(self._answers, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -137,10 +205,39 @@ class ScoringServer:
                  mode=self.scorer.mode.value, model_version=self.scorer.serving.version if self.scorer.serving else None)
         return self.port
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self, drain_s: float | None = None, hurry: asyncio.Event | None = None) -> None:
+        """Drain, then stop: every call is answered, or refused before the server accepted it.
+
+        1. Health turns NOT_SERVING at once (for good: a model swap no longer sets it back), and the
+           server keeps serving for ``drain_s`` (default ``options.drain_s``; cut short when
+           ``hurry`` is set), so that load balancers stop routing to it.
+        2. Closing: answers are held back (``HeldAnswers``) until no new call has come for
+           ``_CLOSE_QUIET_S`` (at most ``_CLOSE_MAX_S``).
+        3. The gRPC server stops: GOAWAY to every client, the port closed (new connections are
+           refused); then the held answers go out; the calls in flight get up to
+           ``options.stop_grace_s`` to finish. Then the background write-backs are awaited.
+        """
+        drain_s = self.options.drain_s if drain_s is None else drain_s
         await self.health.enter_graceful_shutdown()
+        log.info("server.draining", drain_s=drain_s, pid=os.getpid())
+        if drain_s > 0:
+            try:
+                await asyncio.wait_for((hurry or asyncio.Event()).wait(), drain_s)
+            except TimeoutError:
+                pass
         if self.server is not None:
-            await self.server.stop(grace)
+            answers = self._answers
+            answers.closing = True
+            answers.last_call = closing = time.monotonic()
+            while time.monotonic() - answers.last_call < _CLOSE_QUIET_S and time.monotonic() - closing < _CLOSE_MAX_S:
+                await asyncio.sleep(_CLOSE_QUIET_S / 4)
+            quiet = time.monotonic() - answers.last_call >= _CLOSE_QUIET_S
+            stopping = asyncio.ensure_future(self.server.stop(self.options.stop_grace_s))
+            await asyncio.sleep(_GOAWAY_S)  # the shutdown (GOAWAY, port closed) ran on the task's first step
+            answers.release()
+            await stopping
+            # quiet=false: calls were still arriving (clients that ignore health); grpc-core cancelled those in transit.
+            log.info("server.closed", close_s=round(time.monotonic() - closing, 3), quiet=quiet, pid=os.getpid())
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

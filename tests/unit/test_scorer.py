@@ -122,7 +122,19 @@ def test_model_past_the_budget_gives_a_degraded_fallback_in_time():
     result = _run(scorer, budget_s=0.05)
     assert time.monotonic() - started < 0.45  # returned before the model finished
     assert result.source == FALLBACK and result.degraded
-    assert result.reasons[0][0] == "MODEL_UNAVAILABLE" and result.decision == "APPROVE"
+    # fail closed: the model was skipped, so the payment is not approved unseen
+    assert result.reasons[0][0] == "MODEL_UNAVAILABLE" and result.decision == "REVIEW"
+    assert result.risk_score == POLICY.review
+
+
+def test_the_fallback_floor_is_configurable_down_to_fail_open():
+    scorer = _scorer(FakeCache(), delay_s=0.5)
+    scorer.fallback_min_decision = "APPROVE"
+    result = _run(scorer, budget_s=0.05)
+    assert result.source == FALLBACK and result.decision == "APPROVE" and result.reasons[0][0] == "MODEL_UNAVAILABLE"
+    scorer = _scorer(FakeCache(), delay_s=0.5)
+    scorer.fallback_min_decision = "DECLINE"
+    assert _run(scorer, budget_s=0.05).decision == "DECLINE"
 
 
 def test_fallback_still_applies_the_amount_policy():

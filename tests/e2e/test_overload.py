@@ -1,0 +1,62 @@
+"""Overload through the real service: shed with RESOURCE_EXHAUSTED and pushback, never fail open."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
+from tests.servers.scorer import ScorerProcess
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def small_scorer(model_data_dir: Path, redis_url: str) -> Iterator[ScorerProcess]:
+    # A bound of 4 payments in flight and a 20 ms budget: 200 concurrent new cards are far past it.
+    env = {"FRAUDSCORE_MAX_IN_FLIGHT": "4", "FRAUDSCORE_BUDGET_MS": "20", "FRAUDSCORE_REDIS_TIMEOUT_MS": "80"}
+    proc = ScorerProcess(model_data_dir, redis_url, env=env).start()
+    yield proc
+    proc.stop()
+
+
+def _request(amount: float) -> scoring_pb2.ScoreRequest:
+    r = scoring_pb2.ScoreRequest(request_id=uuid.uuid4().hex, transaction=scoring_pb2.Transaction(
+        transaction_id=uuid.uuid4().hex, customer_id=f"flood-{uuid.uuid4().hex[:10]}", terminal_id="T1", amount=amount))
+    r.transaction.timestamp.GetCurrentTime()
+    return r
+
+
+def test_past_the_bound_calls_are_shed_with_pushback_and_no_answer_fails_open(small_scorer):
+    async def flood() -> tuple[Counter, list, list]:
+        codes: Counter = Counter()
+        pushbacks, answers = [], []
+        async with grpc.aio.insecure_channel(small_scorer.address) as ch:
+            stub = scoring_pb2_grpc.FraudScoringStub(ch)
+
+            async def one(i: int) -> None:
+                call = stub.Score(_request(50.0 + i % 100), timeout=2)
+                try:
+                    answers.append(await call)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+                    pushbacks.append(dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms"))
+
+            await asyncio.gather(*(one(i) for i in range(200)))
+        return codes, pushbacks, answers
+
+    codes, pushbacks, answers = asyncio.run(flood())
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes  # never UNKNOWN, INTERNAL or CANCELLED
+    assert codes["RESOURCE_EXHAUSTED"] > 0 and codes["OK"] > 0
+    assert set(pushbacks) == {"20"}  # the budget, as the retry hint
+    # an answer whose model was skipped is never an approval (fail closed, FRAUDSCORE_FALLBACK_MIN_DECISION)
+    assert all(a.decision != scoring_pb2.APPROVE for a in answers if a.source == scoring_pb2.FALLBACK)
+    with grpc.insecure_channel(small_scorer.address) as ch:  # and it keeps serving
+        assert scoring_pb2_grpc.FraudScoringStub(ch).Score(_request(10.0), timeout=2).model_version
