@@ -17,9 +17,12 @@ from scoring_service.adapters.redis.entity_cache import CircuitBreaker, EntityCa
 from scoring_service.adapters.sql.db import Engine, make_engine, upgrade_schema
 from scoring_service.adapters.sql.registry import ModelRecord, Registry
 from scoring_service.config import Settings
+from scoring_service.logging import get_logger
 from scoring_service.online.options import ModelOptions, RequestOptions, ServerOptions
 from scoring_service.online.runtime import run_event_loop, serve_until_signalled
 from scoring_service.online.server import ModelLoader, ScoringServer
+
+log = get_logger(__name__)
 
 
 # ---- durable state
@@ -59,11 +62,27 @@ def entity_cache(settings: Settings, url: str) -> EntityCache:
 
 
 # ---- models
-def ensure_model(settings: Settings) -> ModelRecord:
-    """The active model; on a first run with none, the demo model trained on simulated payments."""
+def demo_model_allowed(settings: Settings) -> bool:
+    """The demo model only where nobody configured anything (embedded defaults), unless asked for."""
+    if settings.demo_model is not None:
+        return settings.demo_model
+    return not settings.database_url and not settings.redis_url
+
+
+def ensure_model(settings: Settings) -> ModelRecord | None:
+    """The active model; with none, the demo model trained on simulated payments where it is
+    allowed (``demo_model_allowed``), else None: the service starts NOT_SERVING and its registry
+    watcher serves the first version activated."""
+    reg = registry(settings)
+    if not demo_model_allowed(settings):
+        active = reg.active()
+        if active is None:
+            log.error("model.none_active", reason="no active model and no demo model outside the embedded mode",
+                      fix="fraudscore train --data FILE (activates it), or FRAUDSCORE_DEMO_MODEL=true")
+        return active
     from scoring_service.training.demo import ensure_model as ensure_demo_model
 
-    return ensure_demo_model(registry(settings), settings.models_dir)
+    return ensure_demo_model(reg, settings.models_dir)
 
 
 def model_loader(settings: Settings, *, device: str | None = None, threads: int | None = None) -> ModelLoader:

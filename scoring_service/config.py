@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         "REVIEW", description="The weakest decision of a FALLBACK answer (the model was skipped: overload, timeout). "
         "REVIEW fails closed: an overloaded service never silently approves; APPROVE fails open.",
     )
+    demo_model: bool | None = Field(
+        None, description="With no active model at start, train the demo model on simulated payments. Unset: only in "
+        "the embedded-defaults mode (no database and no Redis configured); a configured deployment waits, NOT_SERVING, "
+        "for a model to be trained and activated instead of serving a demo in production.",
+    )
     budget_ms: float = Field(100.0, gt=0, description="Latency budget per request (never beyond the caller's deadline).")
     redis_timeout_ms: float = Field(15.0, gt=0, description="Socket timeout for cache reads on the request path.")
     breaker_failures: int = Field(5, ge=1, description="Consecutive Redis failures that open the circuit breaker.")

@@ -66,6 +66,10 @@ def serve(
     drain_s: Annotated[
         float | None, typer.Option(help="On SIGTERM: seconds of NOT_SERVING health while still serving [FRAUDSCORE_DRAIN_S, 5].")
     ] = None,
+    demo_model: Annotated[
+        bool | None, typer.Option("--demo-model/--no-demo-model", help="With no active model, train the demo model "
+                                  "[FRAUDSCORE_DEMO_MODEL; default: only with nothing configured].")
+    ] = None,
     allow_shared_port: Annotated[
         bool | None, typer.Option("--allow-shared-port", help="Start even if another process serves the port "
                                   "(SO_REUSEPORT shares it) [FRAUDSCORE_ALLOW_SHARED_PORT]; default: refuse, exit 1.")
@@ -77,7 +81,7 @@ def serve(
     in flight finish and it exits 0. With --workers N, a worker that dies is restarted.
     """
     settings = cli_settings(listen=listen, workers=workers, mode=mode, device=device, budget_ms=budget_ms, data_dir=data_dir,
-                            drain_s=drain_s, allow_shared_port=allow_shared_port)
+                            drain_s=drain_s, allow_shared_port=allow_shared_port, demo_model=demo_model)
     log = get_logger("fraudscore.serve")
     port_lock = None
     if not settings.allow_shared_port:

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Gauge
 
 from scoring_service.adapters.model.gbdt import GbdtModel, ModelError
 from scoring_service.adapters.redis.entity_cache import EntityCache
@@ -33,6 +34,18 @@ from scoring_service.protos import scoring_pb2
 log = get_logger(__name__)
 
 ModelLoader = Callable[[ModelRecord], GbdtModel]  # checks the artifact; raises ModelError
+
+MODEL_REFUSED = Counter("fraudscore_model_refused_total", "Model versions that could not be loaded.")
+MODEL_MISMATCH = Gauge("fraudscore_model_mismatch", "1 while the version serving is not the registry's active one.")
+MODEL_INFO = Gauge("fraudscore_model_info", "The version serving and the registry's active one (value 1).",
+                   ["serving", "active"])
+
+
+def _report_versions(active: ModelRecord | None, serving: str | None) -> None:
+    MODEL_INFO.clear()
+    MODEL_INFO.labels(serving or "", active.version if active else "").set(1)
+    MODEL_MISMATCH.set(1 if active is not None and serving is not None and active.version != serving else 0)
+
 
 SERVICE_NAME = scoring_pb2.DESCRIPTOR.services_by_name["FraudScoring"].full_name
 
@@ -118,6 +131,7 @@ class ScoringServer:
         self.request_options = request_options
         self.options = server_options
         self.scorer = Scorer(cache, mode, intraday, fallback_min_decision)
+        self._refused: set[str] = set()  # versions that did not load (logged once each)
         self.health = health.aio.HealthServicer()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._tasks: list[asyncio.Task[None]] = []
@@ -126,30 +140,63 @@ class ScoringServer:
         self.port = 0
 
     async def load_active_model(self) -> bool:
-        """Load the registry's active version if it differs from the one serving. True if swapped."""
+        """Load the registry's active version if it differs from the one serving. True if swapped.
+
+        A version that cannot be loaded (missing or damaged artifact, wrong features) is refused and
+        logged once; whatever serves keeps serving. At start, with nothing serving, the newest other
+        version that loads is served instead, loudly (``model.serving_previous_version``), so one bad
+        artifact does not keep the service NOT_SERVING. ``fraudscore_model_mismatch`` is 1 while the
+        version serving is not the registry's active one."""
         record = await asyncio.to_thread(self.registry.active)
         current = self.scorer.serving
+        _report_versions(record, current.version if current else None)
         if record is None or (current is not None and current.version == record.version):
             return False
-        try:
-            model = await asyncio.to_thread(self.load_model, record)
-            serving = ServingModel.of(record, model, self.model_options, self._executor)
-        except ModelError as exc:
-            log.error("model.refused", model_version=record.version, error=str(exc),
-                      serving=current.version if current else None)
+        serving = await self._load(record, current)
+        if serving is None and current is None:
+            serving = await self._load_previous(record)
+        if serving is None:
             return False
+        record = serving.record
         serving.batcher.start()
         if self.cache is not None:
             await self.cache.refresh_generation(serving.version)
         self.scorer.serving = serving  # one reference swap: requests see the old or the new, whole
         log.info("model.serving", model_version=record.version, framework=record.framework, device=serving.model.device,
                  previous=current.version if current else None)
+        active = await asyncio.to_thread(self.registry.active)
+        _report_versions(active, record.version)
         if current is not None:
             await asyncio.sleep(0.5)
             await current.batcher.stop()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         return True
+
+    async def _load(self, record: ModelRecord, current: ServingModel | None) -> ServingModel | None:
+        try:
+            model = await asyncio.to_thread(self.load_model, record)
+        except ModelError as exc:
+            if record.version not in self._refused:
+                self._refused.add(record.version)
+                MODEL_REFUSED.inc()
+                log.error("model.refused", model_version=record.version, error=str(exc),
+                          serving=current.version if current else None)
+            return None
+        return ServingModel.of(record, model, self.model_options, self._executor)
+
+    async def _load_previous(self, refused: ModelRecord) -> ServingModel | None:
+        """The newest other registered version (not retired) that loads, for a start whose active one does not."""
+        records = await asyncio.to_thread(self.registry.list)
+        for record in sorted(records, key=lambda r: (r.activated_at or r.created_at, r.created_at), reverse=True):
+            if record.version == refused.version or record.status == "retired":
+                continue
+            serving = await self._load(record, None)
+            if serving is not None:
+                log.error("model.serving_previous_version", active=refused.version, serving=record.version,
+                          fix="activate a version whose artifact loads (fraudscore model activate VERSION)")
+                return serving
+        return None
 
     async def _watch_registry(self) -> None:
         while True:
