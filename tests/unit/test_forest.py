@@ -95,3 +95,13 @@ def test_model_uses_forest_for_small_batches_only(data, tmp_path):
     np.testing.assert_allclose(probs_off, probs, atol=1e-6)
     # same top reason codes (ties aside, the attributions agree to 2e-5)
     assert [r[0][0] for r in reasons_off] == [r[0][0] for r in reasons]
+
+
+def test_a_forest_of_single_leaves_gives_the_bias_only(data):
+    """A model trained on too little to split (every tree one leaf) used to fail with
+    "need at least one array to concatenate": every unseen payment answered INTERNAL."""
+    X, y = data
+    booster = _train(X, y, min_child_weight=1e9)  # no child may be that heavy: no tree splits
+    forest = Forest.from_xgboost(booster)
+    assert forest is not None
+    np.testing.assert_allclose(forest.contributions(X[:5]), _reference(booster, X[:5]), atol=1e-4)

@@ -127,7 +127,10 @@ class Forest:
             keys.append(key)
             deltas.append(self._mean[nxt] - self._mean[node])
             node = nxt
-        out: np.ndarray = np.bincount(np.concatenate(keys), weights=np.concatenate(deltas), minlength=n * width).reshape(n, width)
+        if not keys:  # every tree is a single leaf (a model trained on too little to split): only the bias
+            out: np.ndarray = np.zeros((n, width))
+        else:
+            out = np.bincount(np.concatenate(keys), weights=np.concatenate(deltas), minlength=n * width).reshape(n, width)
         out[:, self.n_features] += self._bias
         return out
 
