@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,7 @@ from typing import Annotated
 import typer
 
 from scoring_service import bootstrap
+from scoring_service.adapters.sql.db import DatabaseUnavailable
 from scoring_service.cli.common import cli_settings, fail
 from scoring_service.config import ScoringMode, Settings
 from scoring_service.logging import configure_logging, get_logger
@@ -90,6 +92,10 @@ def serve(
         except PortInUse as exc:
             fail(f"{exc}: not starting a second server on it. Stop the other one or choose another --listen; "
                  "--allow-shared-port (FRAUDSCORE_ALLOW_SHARED_PORT=true) shares the port on purpose.", 1)
+    try:  # TLS half-configured: a clear error; plaintext, authentication off: a warning (docs/security.md)
+        bootstrap.check_security(settings)
+    except ValueError as exc:
+        fail(str(exc))
     from scoring_service.adapters.model.gbdt import choose_device
 
     log.info("model.device", requested=settings.device, chosen=choose_device(settings.device))
@@ -99,7 +105,12 @@ def serve(
         redis_url = embedded.start()
         log.info("redis.embedded_started", url=redis_url, note="set REDIS_URL to use your own Redis")
     try:
-        bootstrap.ensure_model(settings)
+        bootstrap.check_redis(settings, redis_url)  # MAC keys, Redis credentials/TLS: exit 1 naming them
+        try:
+            bootstrap.ensure_model(settings)
+        except DatabaseUnavailable as exc:  # one line naming the database (never wrapped), no traceback
+            print(f"error: {exc} (the model registry; FRAUDSCORE_DATABASE_URL): not serving", file=sys.stderr)
+            raise typer.Exit(1) from None
         if settings.workers == 1:
             bootstrap.serve(settings, redis_url)
         else:

@@ -12,16 +12,39 @@ logged (at most one line a second per reason).
 The bound comes from the budget: at the measured capacity of one process (about 1,000 unseen to
 3,000 cached payments a second on this machine, bench/README.md), ``max_in_flight`` payments are
 about as many as it answers in one budget, so an admitted payment waits at most about one budget.
+
+**Queueing before the handler.** The in-flight bound only sees calls that reached the handler.
+Past capacity, calls wait before it, mostly in grpc-core: grpc.aio's server loop takes one new
+call per turn or two of the event loop, so when the loop is busy the calls pile up unrequested
+(measured on 2 cores at 1.2x capacity: admitted calls waited ~1 s while ``latency_ms`` said 9 ms,
+and neither the in-flight count nor the loop's lag, under 20 ms, showed it). No arrival time
+reaches Python, so the wait is measured two ways, and past ``max_queue_s`` by either a new call is
+refused with ``RESOURCE_EXHAUSTED`` (reason ``queueing``) before any work, so the admitted calls
+keep their budget. Refusing still costs ~40 % of answering (docs/overload.md): far past capacity
+the excess has to be shed before this process (callers' throttling, a proxy).
+
+* ``DeadlineWait``, per call with a deadline: gRPC sets the server-side deadline when the call's
+  headers arrive (arrival + the caller's timeout), and callers mostly send the same timeout. Per
+  caller (method and connection: the peer's address and port), the largest ``time_remaining()``
+  seen at the handler over the last ``window_s`` is that timeout (a call that did not wait); this
+  call's wait is that minus its own ``time_remaining()``. Histogram
+  ``fraudscore_queue_wait_seconds``. Only with ``queue_from_deadline`` (off by default): a caller
+  that sends different timeouts on one connection (deadline propagation, a shared test channel)
+  looks queued when it sends a shorter one, and would be refused.
+* ``LoopLag``: a timer every ``interval_s``; how late it ran (histogram
+  ``fraudscore_event_loop_lag_seconds``) is what any ready call waits per step on its way to the
+  handler; the bound applies to two late samples in a row, so one pause is not taken for overload.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from scoring_service.logging import get_logger
 
@@ -29,19 +52,79 @@ log = get_logger(__name__)
 
 REJECTED = Counter("fraudscore_rejected_total", "Calls refused before any work, by reason.", ["reason"])
 IN_FLIGHT = Gauge("fraudscore_in_flight_payments", "Payments being scored now (this process).")
+LOOP_LAG = Histogram(
+    "fraudscore_event_loop_lag_seconds", "How late the event loop ran a timer due now: the wait of a ready call.",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+QUEUE_WAIT = Histogram(
+    "fraudscore_queue_wait_seconds", "Time from a call's arrival to its handler (calls with a deadline; DeadlineWait).",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+class DeadlineWait:
+    """Arrival-to-handler time of calls with a deadline, per caller; see the module docstring."""
+
+    def __init__(self, window_s: float = 10.0, max_callers: int = 4096) -> None:
+        self.window_s = window_s
+        self.max_callers = max_callers
+        self._seen: dict[str, tuple[float, float, float]] = {}  # caller -> (max now, max last window, window start)
+
+    def wait(self, caller: str, remaining: float, now: float) -> float:
+        """How long this call waited before its handler (0 for the longest deadline seen lately)."""
+        seen = self._seen.get(caller)
+        if seen is None:
+            if len(self._seen) >= self.max_callers:
+                self._seen.clear()
+            seen = (0.0, 0.0, now)
+        top, previous, since = seen
+        if now - since >= self.window_s:
+            top, previous, since = 0.0, (top if now - since < 2 * self.window_s else 0.0), now
+        top = max(top, remaining)
+        self._seen[caller] = (top, previous, since)
+        return max(top, previous) - remaining
+
+
+class LoopLag:
+    """How late the running event loop is: ``run()`` sleeps ``interval_s`` at a time and keeps how
+    much later than due it woke up (``lag_s``, also observed in ``fraudscore_event_loop_lag_seconds``).
+    ``sustained_s``: the smaller of the last two samples, so that one pause (a collection, a model
+    swap) is not taken for overload; past capacity every sample is late."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.lag_s = 0.0
+        self.sustained_s = 0.0
+
+    def record(self, lag_s: float) -> None:
+        self.sustained_s = min(self.lag_s, lag_s)
+        self.lag_s = lag_s
+        LOOP_LAG.observe(lag_s)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            self.record(max(0.0, loop.time() - due))
 
 
 class AdmissionControl(grpc.aio.ServerInterceptor):
     """Bounds the payments in flight of the guarded methods; see the module docstring."""
 
-    def __init__(self, guarded: set[str], *, max_in_flight: int, min_time_s: float, pushback_ms: int) -> None:
+    def __init__(self, guarded: set[str], *, max_in_flight: int, min_time_s: float, pushback_ms: int,
+                 max_queue_s: float = 0.0, queue_from_deadline: bool = False, lag: LoopLag | None = None) -> None:
         self.guarded = guarded
+        self.max_queue_s = max_queue_s  # 0: no bound on the loop's lag
+        self.lag = lag or LoopLag()
+        self.deadline_wait = DeadlineWait() if queue_from_deadline else None
         self.max_in_flight = max_in_flight
         self.min_time_s = min_time_s
         self.pushback_ms = pushback_ms
         self.in_flight = 0
-        self._last_log: dict[str, float] = {}
+        self._last_log: dict[str, float] = {}  # reason -> when last logged
+        self._refused_since_log: dict[str, int] = {}  # reason -> refusals not logged yet
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -51,6 +134,7 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None or handler_call_details.method not in self.guarded:
             return handler
         inner = handler.unary_unary
+        method = handler_call_details.method
 
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             items = len(getattr(request, "requests", ())) or 1
@@ -58,6 +142,15 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
             if remaining is not None and remaining < self.min_time_s:
                 await self._refuse(context, "deadline", grpc.StatusCode.DEADLINE_EXCEEDED,
                                    f"the call's deadline leaves {remaining * 1000:.1f} ms: too little to score it")
+            waited = self.lag.sustained_s
+            if remaining is not None and self.deadline_wait is not None:
+                queued = self.deadline_wait.wait(f"{method} {context.peer()}", remaining, time.monotonic())
+                QUEUE_WAIT.observe(queued)
+                waited = max(waited, queued)
+            if self.max_queue_s and waited > self.max_queue_s:
+                await self._refuse(context, "queueing", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"overloaded: calls wait {waited * 1000:.0f} ms before being handled (at most "
+                                   f"{self.max_queue_s * 1000:.0f}); retry after {self.pushback_ms} ms or apply your fallback")
             if self.in_flight + items > self.max_in_flight and self.in_flight > 0:
                 await self._refuse(context, "overload", grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"overloaded: {self.in_flight} payments in flight (at most {self.max_in_flight}); "
@@ -79,7 +172,11 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
         now = time.monotonic()
         if now - self._last_log.get(reason, 0.0) >= 1.0:
             self._last_log[reason] = now
-            log.warning("admission.refused", reason=reason, in_flight=self.in_flight, max_in_flight=self.max_in_flight)
+            refused, self._refused_since_log[reason] = self._refused_since_log.get(reason, 0) + 1, 0
+            log.warning("admission.refused", reason=reason, refused=refused, in_flight=self.in_flight,
+                        max_in_flight=self.max_in_flight, loop_lag_ms=round(self.lag.lag_s * 1000, 1), detail=message)
+        else:
+            self._refused_since_log[reason] = self._refused_since_log.get(reason, 0) + 1
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
             context.set_trailing_metadata(((PUSHBACK_KEY, str(self.pushback_ms)),))
         await context.abort(code, message)

@@ -64,3 +64,5 @@ class ServerOptions:
     max_in_flight: int = 128  # payments in flight past which calls get RESOURCE_EXHAUSTED (online/admission.py)
     min_call_time_ms: float = 2.0  # a call whose deadline leaves less gets DEADLINE_EXCEEDED before any work
     pushback_ms: int = 100  # grpc-retry-pushback-ms sent with RESOURCE_EXHAUSTED
+    max_queue_ms: float = 50.0  # wait before the handler past which calls get RESOURCE_EXHAUSTED (admission.py)
+    queue_from_deadline: bool = False  # measure that wait by the callers' deadlines too (admission.py)

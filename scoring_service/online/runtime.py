@@ -10,6 +10,14 @@ and stop the same way.
   restarted after an exponential, capped backoff (logged, counted); SIGTERM/SIGINT is forwarded
   to every worker, which drain, and the parent returns once they have all exited. A worker dies
   with its parent: ``die_with_parent`` (Linux ``PR_SET_PDEATHSIG``) and a watch of the parent pid.
+* Lost capacity (``--workers N``): health is per process (under SO_REUSEPORT a check reaches
+  whichever worker the kernel picks, never a dead one), so a survivor keeps answering SERVING for
+  ``""`` and the scoring service: it can serve. What it adds is the health service
+  ``fraudscore.capacity``: SERVING while all N workers serve, NOT_SERVING while fewer do (one
+  died and its replacement is not serving yet), and the gauges ``fraudscore_workers_serving`` /
+  ``fraudscore_workers_expected`` on every worker's metrics port. Each worker marks itself in a
+  folder named after the parent (``capacity_dir``) once it serves, and unmarks itself when it
+  starts draining; the parent writes the expected count there and removes a dead worker's mark.
 * ``claim_port``: a second server on a port already served is refused (the workers share theirs
   through SO_REUSEPORT, which would otherwise let any other process take part of the connections).
 """
@@ -19,15 +27,21 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_any
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any, TypeVar
+
+from grpc_health.v1 import health_pb2
+from prometheus_client import Gauge
 
 from scoring_service.logging import get_logger
 from scoring_service.online.server import ScoringServer
@@ -37,6 +51,60 @@ log = get_logger(__name__)
 
 _PARENT_POLL_S = 0.5
 _SIGNAL_REPEAT_S = 0.5
+CAPACITY_SERVICE = "fraudscore.capacity"  # health: SERVING while every worker of --workers N serves
+WORKERS_SERVING = Gauge("fraudscore_workers_serving", "Workers of this server (--workers N) serving now.")
+WORKERS_EXPECTED = Gauge("fraudscore_workers_expected", "Workers this server runs when none is missing (N).")
+
+
+def capacity_dir(parent_pid: int) -> Path:
+    """Where the workers of the supervisor ``parent_pid`` mark themselves serving (``<pid>``) and it
+    writes how many it runs (``expected``)."""
+    return Path(tempfile.gettempdir()) / f"fraudscore-workers-{parent_pid}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def workers_serving(folder: Path) -> tuple[int, int] | None:
+    """(serving, expected) from a supervisor's capacity folder; None when it has none."""
+    try:
+        expected = int((folder / "expected").read_text())
+        marks = [int(n) for n in os.listdir(folder) if n.isdigit()]
+    except (OSError, ValueError):
+        return None
+    return sum(1 for pid in marks if _pid_alive(pid)), expected
+
+
+async def _watch_capacity(server: ScoringServer, mark: Path, stop: asyncio.Event) -> None:
+    """A worker's part in the capacity count: its mark once it serves, and its view of the whole
+    (gauges and the ``fraudscore.capacity`` health status). Nothing while the parent has no folder."""
+    last: tuple[int, int] | None = None
+    while not stop.is_set():
+        if mark.parent.is_dir():
+            if server.scorer.serving is not None and not mark.exists():
+                mark.touch()
+            seen = await asyncio.to_thread(workers_serving, mark.parent)
+            if seen is not None and seen != last:
+                serving, expected = seen
+                WORKERS_SERVING.set(serving)
+                WORKERS_EXPECTED.set(expected)
+                full = serving >= expected
+                await server.health.set(CAPACITY_SERVICE, health_pb2.HealthCheckResponse.SERVING if full
+                                        else health_pb2.HealthCheckResponse.NOT_SERVING)
+                (log.info if full else log.warning)("server.capacity", workers_serving=serving,
+                                                    workers_expected=expected, pid=os.getpid())
+                last = seen
+        try:
+            await asyncio.wait_for(stop.wait(), _PARENT_POLL_S)
+        except TimeoutError:
+            pass
 
 
 def run_event_loop(coro: Coroutine[Any, Any, T], kind: str = "uvloop") -> T:
@@ -96,9 +164,15 @@ async def serve_until_signalled(server: ScoringServer, metrics_port: int | None 
         start_http_server(metrics_port, addr=metrics_addr or "0.0.0.0")
     stop, hurry = _stop_events()
     await server.start()
-    watch = asyncio.create_task(_watch_parent(parent_pid, stop)) if parent_pid else None
+    watches = []
+    mark = capacity_dir(parent_pid) / str(os.getpid()) if parent_pid else None
+    if parent_pid and mark is not None:
+        watches.append(asyncio.create_task(_watch_parent(parent_pid, stop)))
+        watches.append(asyncio.create_task(_watch_capacity(server, mark, stop)))
     await stop.wait()
-    if watch is not None:
+    if mark is not None:
+        mark.unlink(missing_ok=True)  # draining: no longer capacity
+    for watch in watches:
         watch.cancel()
     await server.stop(hurry=hurry)
 
@@ -153,6 +227,9 @@ def join_workers(procs: Sequence[BaseProcess], restart: Callable[[int], BaseProc
         signals += 1
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    capacity = capacity_dir(os.getpid())
+    capacity.mkdir(exist_ok=True)
+    (capacity / "expected").write_text(str(len(slots)))
     try:
         while True:
             now = time.monotonic()
@@ -179,6 +256,7 @@ def join_workers(procs: Sequence[BaseProcess], restart: Callable[[int], BaseProc
                         delay = policy.delay(deaths[i])
                         restarts += 1
                         due[i] = now + delay
+                        (capacity / str(p.pid)).unlink(missing_ok=True)  # a killed worker could not unmark itself
                         log.error("server.worker_died", slot=i, pid=p.pid, exitcode=p.exitcode, lived_s=round(lived, 1),
                                   restart_in_s=delay, deaths_in_a_row=deaths[i], restarts=restarts)
             live = [p for p in slots if p.is_alive()]
@@ -197,6 +275,7 @@ def join_workers(procs: Sequence[BaseProcess], restart: Callable[[int], BaseProc
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(capacity, ignore_errors=True)
     return [p.exitcode for p in slots]
 
 

@@ -22,6 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from scoring_service.logging import sanitise_request_id
 from scoring_service.protos import scoring_pb2_grpc
 from tests.e2e.test_score_grpc import request
 from tests.servers.common import REPO_ROOT, free_port
@@ -135,7 +136,8 @@ def test_sigterm_under_load_drains_every_request_in_flight(model_data_dir, redis
     assert after and any(s == "NOT_SERVING" for _, s in after) and not any(s == "SERVING" for _, s in after)
     # None lost: the server scored exactly the requests its clients got an answer for.
     scored = {e["request_id"] for e in scorer.log_events("score")}
-    ok = {a.request_id for a in answers if a.code == grpc.StatusCode.OK}
+    # the log keeps request ids as sanitised (digit runs that could be card numbers removed, issue 14)
+    ok = {sanitise_request_id(a.request_id) for a in answers if a.code == grpc.StatusCode.OK}
     assert scored == ok, f"scored but not answered: {len(scored - ok)}, answered but not logged: {len(ok - scored)}"
     events = [e["event"] for e in scorer.log_events()]
     assert "server.draining" in events and events[-1] == "server.stopped"
@@ -154,19 +156,47 @@ def _started_pids(scorer: ScorerProcess) -> set[int]:
     return {e["pid"] for e in scorer.log_events("server.started")}
 
 
-def test_a_killed_worker_is_replaced_and_sigterm_drains_all(model_data_dir, redis_url):
+def _capacity(scorer: ScorerProcess) -> str | None:
+    """The ``fraudscore.capacity`` health status, from whichever worker a new connection reaches."""
+    with scorer.channel(**{"grpc.use_local_subchannel_pool": 1}) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="fraudscore.capacity"),
+                                                         timeout=1)
+        except grpc.RpcError:
+            return None  # NOT_FOUND from a worker that has not counted yet, or no worker reached
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def _whole_health(scorer: ScorerProcess) -> str | None:
+    with scorer.channel(**{"grpc.use_local_subchannel_pool": 1}) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        except grpc.RpcError:
+            return None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+def test_a_killed_worker_is_replaced_lost_capacity_shows_in_health_and_sigterm_drains_all(model_data_dir, redis_url):
     scorer = ScorerProcess(model_data_dir, redis_url, args=["--workers", "2"], env=FAST_STOP).start()
     try:
         _wait(lambda: len(_started_pids(scorer)) == 2, 60, "two workers serving")
         first = scorer.worker_pids()
         assert len(first) == 2 and set(first) == _started_pids(scorer)
+        _wait(lambda: _capacity(scorer) == "SERVING", 15, "capacity SERVING with both workers")
         os.kill(first[0], signal.SIGKILL)
+        # The survivor: still SERVING as a whole (it serves), but the capacity it is part of is short.
+        # (A replacement already listening but still loading answers NOT_SERVING: hence "a check says".)
+        _wait(lambda: _capacity(scorer) == "NOT_SERVING", 15, "capacity NOT_SERVING with one worker of two")
+        _wait(lambda: _whole_health(scorer) == "SERVING", 15, "the survivor SERVING as a whole meanwhile")
+        short = scorer.log_events("server.capacity")
+        assert any(e["pid"] == first[1] and e["workers_serving"] == 1 and e["workers_expected"] == 2 for e in short)
         took = _wait(lambda: len(_started_pids(scorer) - set(first)) == 1, 30, "a replacement worker serving")
         print(f"\nreplacement worker serving {took:.1f} s after SIGKILL")
         now = scorer.worker_pids()
         assert len(now) == 2 and first[0] not in now and first[1] in now
         died = scorer.log_events("server.worker_died")
         assert died and died[0]["pid"] == first[0] and died[0]["restarts"] == 1
+        _wait(lambda: _capacity(scorer) == "SERVING", 15, "capacity SERVING again with the replacement")
         scorer.wait_serving(10)
         scorer.send_signal(signal.SIGTERM)
         assert scorer.wait_exit(timeout=20) == 0

@@ -60,3 +60,42 @@ def test_past_the_bound_calls_are_shed_with_pushback_and_no_answer_fails_open(sm
     assert all(a.decision != scoring_pb2.APPROVE for a in answers if a.source == scoring_pb2.FALLBACK)
     with grpc.insecure_channel(small_scorer.address) as ch:  # and it keeps serving
         assert scoring_pb2_grpc.FraudScoringStub(ch).Score(_request(10.0), timeout=2).model_version
+
+
+@pytest.fixture(scope="module")
+def queue_bound_scorer(model_data_dir: Path, redis_url: str) -> Iterator[ScorerProcess]:
+    # No in-flight bound to speak of: only the wait before the handler (5 ms) sheds load here.
+    env = {"FRAUDSCORE_MAX_IN_FLIGHT": "100000", "FRAUDSCORE_MAX_QUEUE_MS": "5", "FRAUDSCORE_QUEUE_FROM_DEADLINE": "true"}
+    proc = ScorerProcess(model_data_dir, redis_url, env=env).start()
+    yield proc
+    proc.stop()
+
+
+def test_calls_that_queued_before_the_handler_are_refused_with_pushback_and_logged(queue_bound_scorer):
+    async def flood() -> tuple[Counter, list, list]:
+        codes: Counter = Counter()
+        details, answers = [], []
+        async with grpc.aio.insecure_channel(queue_bound_scorer.address) as ch:
+            stub = scoring_pb2_grpc.FraudScoringStub(ch)
+            await stub.Score(_request(10.0), timeout=3)  # the caller's deadline as seen unqueued
+
+            async def one(i: int) -> None:
+                try:
+                    answers.append(await stub.Score(_request(50.0 + i % 100), timeout=3))
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
+                    details.append((exc.details(), dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")))
+
+            # 400 calls at once: at ~1 ms each, most wait far longer than 5 ms before their handler.
+            await asyncio.gather(*(one(i) for i in range(400)))
+        return codes, details, answers
+
+    codes, details, answers = asyncio.run(flood())
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert codes["RESOURCE_EXHAUSTED"] > 0 and codes["OK"] > 0
+    assert all("before being handled" in d and pushback == "100" for d, pushback in details)
+    assert all(a.decision != scoring_pb2.APPROVE for a in answers if a.source == scoring_pb2.FALLBACK)
+    refused = queue_bound_scorer.log_events("admission.refused")
+    assert refused and {e["reason"] for e in refused} == {"queueing"}
+    assert sum(e["refused"] for e in refused) <= codes["RESOURCE_EXHAUSTED"]  # at most a line a second, with a count

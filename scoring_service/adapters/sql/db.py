@@ -21,8 +21,10 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    make_url,
+    text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, ExceptionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # scoring_service/adapters/sql/db.py -> the repository root
@@ -102,10 +104,42 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class DatabaseUnavailable(Exception):
+    """The database cannot be reached: the connection was refused, timed out or broke.
+
+    Raised instead of the driver's error (one line that names the database, its password hidden),
+    so that ``serve`` can exit with a clear message and the registry watcher can count a failed poll
+    and try again at the next one."""
+
+
+def display_url(url: str) -> str:
+    """``url`` with its password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: say nothing of it rather than leak it
+        return "(unparsable database URL)"
+
+
+def _unavailable(url: str, exc: BaseException) -> DatabaseUnavailable:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DatabaseUnavailable(f"database {display_url(url)} is unreachable: {first}")
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, pool_pre_ping=True, **kwargs)
+
+    @event.listens_for(engine, "handle_error")
+    def _connection_errors(context: ExceptionContext) -> None:
+        # No connection yet (connect refused / timed out) or one that broke: DatabaseUnavailable.
+        # Errors of a statement on a live connection (constraint, syntax, a locked SQLite) stay as they are,
+        # and so does a failed pre-ping: the pool then drops that connection and opens a new one.
+        if context.is_pre_ping:
+            return
+        if context.connection is None or context.is_disconnect:
+            raise _unavailable(url, context.original_exception) from None
+
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine, "connect")
@@ -119,13 +153,25 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return engine
 
 
+def check_reachable(url: str) -> None:
+    """Connect once: :class:`DatabaseUnavailable` (one line naming the database) when that fails."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    finally:
+        engine.dispose()
+
+
 def upgrade_schema(url: str) -> None:
-    """Bring the database to the newest migration (Alembic ``upgrade head``)."""
+    """Bring the database to the newest migration (Alembic ``upgrade head``); DatabaseUnavailable
+    when it cannot be reached."""
     from alembic import command
     from alembic.config import Config
 
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    check_reachable(url)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
