@@ -133,7 +133,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fs-backtest-"))
     redis, kafka = RedisServer().start(), KafkaServer().start()
     env = {**os.environ, "FRAUDSCORE_DATA_DIR": str(work), "REDIS_URL": redis.url,
-           "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap, "FRAUDSCORE_LOG_FORMAT": "json", "OMP_WAIT_POLICY": "PASSIVE"}
+           "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap, "FRAUDSCORE_LOG_FORMAT": "json", "OMP_WAIT_POLICY": "PASSIVE",
+           "FRAUDSCORE_AUTH": "off"}  # the replay client sends no key (bench/security_cost.py measures keys)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report: dict = {"machine": os.uname().nodename, "cores": os.cpu_count(), "started": started}
     scenarios: pd.Series | None = None

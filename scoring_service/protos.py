@@ -75,8 +75,10 @@ if str(_OUT) not in sys.path:
 scoring_pb2: Any = importlib.import_module("fraudscore.v1.scoring_pb2")
 scoring_pb2_grpc: Any = importlib.import_module("fraudscore.v1.scoring_pb2_grpc")
 events_pb2: Any = importlib.import_module("fraudscore.v1.events_pb2")
+admin_pb2: Any = importlib.import_module("fraudscore.v1.admin_pb2")
+admin_pb2_grpc: Any = importlib.import_module("fraudscore.v1.admin_pb2_grpc")
 
-__all__ = ["events_pb2", "generate", "scoring_pb2", "scoring_pb2_grpc"]
+__all__ = ["admin_pb2", "admin_pb2_grpc", "events_pb2", "generate", "scoring_pb2", "scoring_pb2_grpc"]
 
 if __name__ == "__main__":
     generate(force=True)

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.servers.common import REPO_ROOT
+from tests.servers.redis import TEST_CACHE_MAC_KEYS
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One cache MAC key for the session's scorers and batch runs (tests/servers/redis.py: sealed_item).
+os.environ.setdefault("FRAUDSCORE_CACHE_MAC_KEYS", TEST_CACHE_MAC_KEYS)
 
 
 def handbook_path() -> Path | None:

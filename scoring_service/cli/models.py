@@ -11,6 +11,16 @@ import typer
 from rich.table import Table
 
 from scoring_service import bootstrap
+from scoring_service.cli.admin_client import (
+    ApiKeyOpt,
+    DirectOpt,
+    Remote,
+    ServerOpt,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    TlsOpt,
+)
 from scoring_service.cli.common import cli_settings, console, fail
 
 model_app = typer.Typer(help="The model registry: list, activate, shadow, retire model versions.", no_args_is_help=True)
@@ -71,13 +81,22 @@ def model_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
     console.print(table)
 
 
-def _set_status(status: str, version: str) -> None:
+def _set_status(status: str, version: str | None, remote: Remote) -> None:
+    """Through the admin RPC (--server) or, break-glass, the database (--direct); version None: rollback."""
     from scoring_service.adapters.model.gbdt import ModelError
     from scoring_service.adapters.sql.registry import RegistryError
 
+    remote.check()
+    if remote.server:
+        answer = remote.rollback() if version is None else remote.set_status(version, status)
+        console.print(f"{answer.version}: {answer.status} (by {answer.actor}; "
+                      f"previously active: {answer.previous_active or '-'})")
+        return
     settings = cli_settings()
     registry = bootstrap.registry(settings)
     try:
+        if version is None:
+            version, status = registry.rollback_target(), "active"
         if status == "active":
             record = registry.get(version)
             try:  # refuse to activate what the service would refuse to load
@@ -93,21 +112,91 @@ def _set_status(status: str, version: str) -> None:
 
 
 @model_app.command("activate")
-def model_activate(version: str) -> None:
+def model_activate(version: str, server: ServerOpt = None, api_key: ApiKeyOpt = None, tls: TlsOpt = False,
+                   tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
+                   direct: DirectOpt = False) -> None:
     """Make VERSION the active model (running services pick it up within seconds)."""
-    _set_status("active", version)
+    _set_status("active", version, Remote(server, api_key, tls, tls_ca, tls_cert, tls_key, direct))
 
 
 @model_app.command("shadow")
-def model_shadow(version: str) -> None:
+def model_shadow(version: str, server: ServerOpt = None, api_key: ApiKeyOpt = None, tls: TlsOpt = False,
+                 tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
+                 direct: DirectOpt = False) -> None:
     """Mark VERSION as shadow (registered, not serving)."""
-    _set_status("shadow", version)
+    _set_status("shadow", version, Remote(server, api_key, tls, tls_ca, tls_cert, tls_key, direct))
 
 
 @model_app.command("retire")
-def model_retire(version: str) -> None:
+def model_retire(version: str, server: ServerOpt = None, api_key: ApiKeyOpt = None, tls: TlsOpt = False,
+                 tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
+                 direct: DirectOpt = False) -> None:
     """Retire VERSION."""
-    _set_status("retired", version)
+    _set_status("retired", version, Remote(server, api_key, tls, tls_ca, tls_cert, tls_key, direct))
+
+
+@model_app.command("rollback")
+def model_rollback(server: ServerOpt = None, api_key: ApiKeyOpt = None, tls: TlsOpt = False,
+                   tls_ca: TlsCaOpt = None, tls_cert: TlsCertOpt = None, tls_key: TlsKeyOpt = None,
+                   direct: DirectOpt = False) -> None:
+    """Activate the version that was active before the active one."""
+    _set_status("active", None, Remote(server, api_key, tls, tls_ca, tls_cert, tls_key, direct))
+
+
+def _serving_versions(server: str, timeout_s: float = 5.0) -> dict[str, object]:
+    """What one running server says through its Prometheus endpoint (``host:port`` of FRAUDSCORE_METRICS_PORT):
+    the version it serves, the registry's active one as it last read it, and its own mismatch gauge."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = server if "://" in server else f"http://{server}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            body = resp.read().decode("utf-8", errors="replace")
+    except (OSError, ValueError) as exc:
+        fail(f"--metrics {server}: no metrics at {url}: {exc}", 1)
+    out: dict[str, object] = {"server": server, "serving": None, "active_seen": None, "mismatch_gauge": None}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == "fraudscore_model_info" and sample.value == 1:
+                out["serving"] = sample.labels.get("serving") or None
+                out["active_seen"] = sample.labels.get("active") or None
+            elif sample.name == "fraudscore_model_mismatch":
+                out["mismatch_gauge"] = bool(sample.value)
+    if out["mismatch_gauge"] is None:
+        fail(f"--metrics {server}: {url} has no fraudscore_model_* metrics (is it a fraudscore metrics port?)", 1)
+    return out
+
+
+@model_app.command("status")
+def model_status(
+    server: Annotated[list[str] | None, typer.Option("--metrics", help="A running server's metrics endpoint host:port "
+                                                      "(FRAUDSCORE_METRICS_PORT; repeat for each worker).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The registry's active version and, with --metrics, the version each server serves; exit 1 on a mismatch.
+
+    One line per fact: ``registry active``, ``serving <server>`` for each --metrics, ``mismatch yes|no``.
+    A mismatch (a server not serving the registry's active version, e.g. it refused a damaged artifact)
+    or no active version exits 1."""
+    active = bootstrap.registry(cli_settings()).active()
+    active_version = active.version if active else None
+    servers = [_serving_versions(s) for s in server or []]
+    for s in servers:
+        s["mismatch"] = bool(s["mismatch_gauge"]) or s["serving"] != active_version
+    mismatch = active_version is None or any(s["mismatch"] for s in servers)
+    if as_json:
+        print(json.dumps({"registry_active": active_version, "servers": servers,
+                          "mismatch": mismatch if servers or active_version is None else None}))
+    else:
+        print(f"registry active: {active_version or 'none'}")
+        for s in servers:
+            print(f"serving {s['server']}: {s['serving'] or 'nothing (NOT_SERVING)'}")
+        print(f"mismatch: {'yes' if mismatch else 'no'}" if servers or active_version is None
+              else "mismatch: unknown (give --metrics HOST:METRICS_PORT)")
+    if mismatch:
+        raise typer.Exit(1)
 
 
 @db_app.command("upgrade")

@@ -17,6 +17,11 @@ read both entities of a payment with one ``MGET`` under that generation, so one 
 two runs. Entries expire after a TTL, which also removes superseded generations. Before any batch
 run, a model version's generation is ``ONLINE_GENERATION``: entries the service writes back for
 entities it scored itself.
+
+Every entry is stored **sealed** (:func:`seal`): ``$m1$<key id>$<tag>$<entry JSON>``, the tag an
+HMAC-SHA256 (``core.integrity``) over the key name and the JSON, so an entry copied to another
+key, altered, or written by anyone without the MAC key does not verify (:func:`open_sealed`) and
+is read as unseen. The online write-back and the batch writer seal; the online reader opens.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Literal
+
+from scoring_service.core.integrity import MacKeys
 
 SCHEMA = "1"
 ONLINE_GENERATION = "0"
@@ -73,6 +80,47 @@ def generation_pattern(model_version: str, generation: str) -> str:
     return f"fs:{SCHEMA}:{model_version}:{generation}:*"
 
 
+# ---- the seal: $m1$<key id>$<hex tag>$<payload>
+SEAL_MARK = b"$m1$"
+_TAG_HEX = 32  # core.integrity.TAG_BYTES, in hex
+
+
+def _mac_message(key: bytes, payload: bytes) -> bytes:
+    """What the tag covers: the key name (length-prefixed, so no two (key, payload) pairs collide) and the payload."""
+    return b"%d:%s%s" % (len(key), key, payload)
+
+
+def seal(keys: MacKeys, key: bytes | str, payload: bytes) -> bytes:
+    """``payload`` (an encoded entry) as stored under ``key``: with the signing key's id and tag."""
+    k = key.encode() if isinstance(key, str) else key
+    key_id, tag = keys.sign(_mac_message(k, payload))
+    return b"%s%s$%s$%s" % (SEAL_MARK, key_id, tag, payload)
+
+
+def open_sealed(keys: MacKeys, key: bytes | str, raw: bytes) -> bytes | None:
+    """The payload of a value read from ``key``, or None unless its seal verifies (unsealed,
+    altered, moved from another key, signed by a key not configured)."""
+    if not raw.startswith(SEAL_MARK):
+        return None
+    id_end = raw.find(b"$", len(SEAL_MARK))
+    tag_end = id_end + 1 + _TAG_HEX
+    if id_end < 0 or raw[tag_end: tag_end + 1] != b"$":
+        return None
+    payload = raw[tag_end + 1:]
+    k = key.encode() if isinstance(key, str) else key
+    if not keys.verify(raw[len(SEAL_MARK): id_end], _mac_message(k, payload), raw[id_end + 1: tag_end]):
+        return None
+    return payload
+
+
+def unverified_payload(raw: bytes | str) -> bytes | str:
+    """The entry of a stored value without checking its seal (tools and tests; the service verifies)."""
+    if isinstance(raw, bytes) and raw.startswith(SEAL_MARK):
+        id_end = raw.find(b"$", len(SEAL_MARK))
+        return raw[id_end + 2 + _TAG_HEX:]
+    return raw
+
+
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
     """What the cache knows of one entity, as of ``computed_at``.
@@ -111,7 +159,8 @@ class CacheEntry:
 
     @classmethod
     def decode(cls, raw: bytes | str) -> CacheEntry:
-        d = json.loads(raw)
+        """The entry of ``encode``'s JSON (a sealed value is read without checking its seal)."""
+        d = json.loads(unverified_payload(raw))
         return cls(
             risk_score=float(d["s"]),
             state=d["f"],

@@ -20,6 +20,7 @@ from scoring_service.core.policy import Policy
 from scoring_service.core.validation import MAX_AMOUNT
 from scoring_service.protos import scoring_pb2
 from tests.servers.common import REPO_ROOT
+from tests.servers.redis import sealed_item
 
 pytestmark = pytest.mark.e2e
 
@@ -152,7 +153,7 @@ def test_precomputed_entry_is_served_with_its_score_and_policy_on_top(stub, acti
     customer = new_customer()
     state = usual_state(20, 10.0)
     entry = CacheEntry(0.01, state, active_model.version, 1_700_000_000.0, [("LOW_RISK", "f", -1.0)], gen)
-    client.set(entity_key(active_model.version, gen, CUSTOMER, customer), entry.encode())
+    client.set(*sealed_item(entity_key(active_model.version, gen, CUSTOMER, customer), entry))
     calm = stub.Score(request(customer, terminal="unknown-terminal", amount=10.0), timeout=2)
     assert calm.source == scoring_pb2.CACHE
     assert calm.risk_score == pytest.approx(0.01)
@@ -174,7 +175,7 @@ def test_generation_switch_is_picked_up(stub, active_model, redis_url):
     old = client.get(key)
     customer = new_customer()
     entry = CacheEntry(0.99, usual_state(5, 25.0), active_model.version, 1.7e9, [], "g-test")
-    client.set(entity_key(active_model.version, "g-test", CUSTOMER, customer), entry.encode())
+    client.set(*sealed_item(entity_key(active_model.version, "g-test", CUSTOMER, customer), entry))
     try:
         assert stub.Score(request(customer), timeout=2).source == scoring_pb2.MODEL  # not in the active generation
         client.set(key, "g-test")
@@ -212,7 +213,7 @@ def test_cli_score_prints_model_then_cache(scorer, active_model, redis_url):
     client = redis.Redis.from_url(redis_url)
     gen = (client.get(active_generation_key(active_model.version)) or b"0").decode()
     entry = CacheEntry(0.02, usual_state(12, 80.0), active_model.version, 1.7e9, [], gen)
-    client.set(entity_key(active_model.version, gen, CUSTOMER, customer), entry.encode())  # as a nightly run would
+    client.set(*sealed_item(entity_key(active_model.version, gen, CUSTOMER, customer), entry))  # as a nightly run would
     second = run()
     assert second["source"] == "CACHE" and second["risk_score"] == pytest.approx(0.02)
 

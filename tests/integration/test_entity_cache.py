@@ -16,6 +16,8 @@ from scoring_service.core.cache_layout import (
     intraday_key,
 )
 from scoring_service.core.features.intraday import IntradayPayment
+from scoring_service.core.integrity import MacKeys
+from tests.servers.redis import TEST_CACHE_MAC_KEYS, sealed_item
 
 VERSION = "xgb-test-cache"
 
@@ -26,13 +28,14 @@ def _entry(score: float) -> CacheEntry:
 
 
 def _cache(url: str) -> EntityCache:
-    return EntityCache(url, timeout_s=0.5, ttl_s=600, breaker=CircuitBreaker(5, 1.0))
+    return EntityCache(url, timeout_s=0.5, ttl_s=600, breaker=CircuitBreaker(5, 1.0),
+                       mac=MacKeys.parse(TEST_CACHE_MAC_KEYS))
 
 
 def test_write_backs_of_one_loop_turn_go_out_together_and_never_overwrite(redis_url: str) -> None:
     sync = redis.Redis.from_url(redis_url)
     kept = entity_key(VERSION, ONLINE_GENERATION, CUSTOMER, "c-kept")
-    sync.set(kept, _entry(0.9).encode())
+    sync.set(*sealed_item(kept, _entry(0.9)))  # as a batch run writes it
 
     async def run() -> tuple[int, list[CacheEntry | None]]:
         cache = _cache(redis_url)

@@ -58,14 +58,19 @@ class ScorerProcess:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    # TLS (tests/e2e/test_tls.py): the CA that signed the server's certificate, and a client
+    # certificate and key for mutual TLS, used by wait_serving's health checks and channel().
+    tls_ca: Path | None = None
+    client_cert: tuple[Path, Path] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def environment(self) -> dict[str, str]:
+        # Authentication off unless a test turns it on (env): the functional tests call without keys.
         env = {**os.environ, "FRAUDSCORE_DATA_DIR": str(self.data_dir), "FRAUDSCORE_LOG_FORMAT": "json",
-               "OMP_WAIT_POLICY": "PASSIVE", **self.env}
+               "OMP_WAIT_POLICY": "PASSIVE", "FRAUDSCORE_AUTH": "off", **self.env}
         env.pop("REDIS_URL", None)
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
@@ -81,7 +86,7 @@ class ScorerProcess:
 
     def wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as ch:
+        with self.channel() as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while time.monotonic() < deadline:
                 assert self.proc is not None
@@ -95,6 +100,15 @@ class ScorerProcess:
                     pass
                 time.sleep(0.2)
         raise TimeoutError(f"scorer not SERVING after {timeout}s:\n{self.logs()[-4000:]}")
+
+    def channel(self, **options: object) -> grpc.Channel:
+        """A channel to the server: TLS when ``tls_ca`` is set (with ``client_cert`` for mutual TLS)."""
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.address, options=list(options.items()))
+        cert, key = self.client_cert or (None, None)
+        creds = grpc.ssl_channel_credentials(self.tls_ca.read_bytes(), key.read_bytes() if key else None,
+                                             cert.read_bytes() if cert else None)
+        return grpc.secure_channel(self.address, creds, options=list(options.items()))
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""

@@ -4,6 +4,9 @@ When no ``REDIS_URL`` is configured, ``fraudscore serve`` starts a valkey server
 records its URL in ``<data_dir>/embedded-redis.json``, so the batch jobs (other processes) find
 and fill the same cache. It lives as long as the service that started it.
 
+It also keeps the local secrets of a data directory (:func:`local_secret`): the cache MAC key and
+the log id key that ``serve`` and the batch jobs share when none is configured.
+
 Plain values in, no configuration read here: the composition root (``scoring_service.bootstrap``)
 and the commands pass the data directory and the configured URL.
 """
@@ -12,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 import redis
 
 _STATE_FILE = "embedded-redis.json"
+SECRETS_DIR = "secrets"
 
 
 class NoRedisError(RuntimeError):
@@ -86,3 +91,30 @@ def resolve_redis_url(redis_url: str | None, data_dir: Path) -> str:
         "no Redis configured (set REDIS_URL) and no embedded one running: "
         "start the service first (`fraudscore serve`) or point REDIS_URL at a Redis server"
     )
+
+
+def local_secret(data_dir: Path, name: str) -> str:
+    """The secret ``<data_dir>/secrets/<name>``, created (random, 256 bits, mode 0600) on first use.
+
+    Every local process (``serve``, its workers, ``nightly``) reads the same one: the first to need
+    it writes it to a temporary file and links it into place, so concurrent first uses agree."""
+    folder = data_dir / SECRETS_DIR
+    path = folder / name
+    try:
+        text = path.read_text().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        os.link(tmp, path)  # fails if another process got there first: theirs wins
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_text().strip()

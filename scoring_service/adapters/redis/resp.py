@@ -5,7 +5,9 @@ loop leave in one ``send`` and their replies come back in order, parsed by hired
 pool to take from and give back, no per-command lock, and no socket per in-flight request,
 which is what a cache hit spent most of its Redis time on with ``redis.asyncio`` (see
 bench/HISTORY.md). Only what the online cache needs is here: ``execute`` one command or
-``execute_many`` in a pipeline; AUTH and SELECT from the URL; TCP, TLS (``rediss://``) and
+``execute_many`` in a pipeline; AUTH (``redis://user:password@...``) and SELECT from the URL on
+every (re)connection; TCP, TLS (``rediss://``, with the query parameters redis-py takes:
+``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``, ``ssl_check_hostname``) and
 Unix sockets. Anything else uses redis-py. Commands are encoded by ``protocol`` (the package's one
 RESP encoder, shared with the bulk writer).
 
@@ -26,13 +28,14 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse
 
 import hiredis
 
 from scoring_service.adapters.redis.protocol import Arg, pack, pack_many
 
-__all__ = ["Arg", "PipelinedRedis", "RedisReplyError", "pack"]
+__all__ = ["Arg", "PipelinedRedis", "RedisRefused", "RedisReplyError", "check_connection", "pack", "redact_url",
+           "with_tls_files"]
 
 # A waiter: (future, n, replies so far, sent at); n = 0 for one command, else a pipeline of n.
 _Waiter = tuple[asyncio.Future[Any], int, list[Any], float]
@@ -40,6 +43,51 @@ _Waiter = tuple[asyncio.Future[Any], int, list[Any], float]
 
 class RedisReplyError(Exception):
     """Redis answered with an error (``-ERR ...``)."""
+
+
+class RedisRefused(RedisReplyError, ConnectionError):
+    """Redis (or its TLS layer) refused this client: wrong credentials, an untrusted certificate."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (for logs and messages): ``redis://user:***@host:port/db``."""
+    u = urlparse(url)
+    if u.password is None:
+        return url
+    netloc = u.netloc.rsplit("@", 1)[1]
+    user = f"{u.username}:" if u.username else ":"
+    return u._replace(netloc=f"{user}***@{netloc}").geturl()
+
+
+def with_tls_files(url: str, ca: str | None = None, cert: str | None = None, key: str | None = None) -> str:
+    """``url`` with the TLS files as its query parameters (``rediss://`` only; those given in the URL win)."""
+    u = urlparse(url)
+    if u.scheme != "rediss":
+        return url
+    query = dict(parse_qsl(u.query))
+    for name, value in (("ssl_ca_certs", ca), ("ssl_certfile", cert), ("ssl_keyfile", key)):
+        if value and name not in query:
+            query[name] = value
+    return u._replace(query=urlencode(query)).geturl()
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def tls_context(query: dict[str, str]) -> ssl.SSLContext:
+    """The client TLS context of a ``rediss://`` URL's query (redis-py's parameter names)."""
+    ctx = ssl.create_default_context(cafile=query.get("ssl_ca_certs") or None)
+    if query.get("ssl_check_hostname", "").lower() in ("false", "0", "no"):
+        ctx.check_hostname = False
+    reqs = query.get("ssl_cert_reqs", "required").lower()
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"REDIS_URL: ssl_cert_reqs={reqs!r}: expected none, optional or required")
+    if _CERT_REQS[reqs] != ssl.CERT_REQUIRED:
+        ctx.check_hostname = False
+        ctx.verify_mode = _CERT_REQS[reqs]
+    if query.get("ssl_certfile"):
+        ctx.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile") or None)
+    return ctx
 
 
 class _Protocol(asyncio.Protocol):
@@ -88,12 +136,16 @@ class PipelinedRedis:
         self._unix_path = u.path if u.scheme == "unix" else None
         self._host = u.hostname or "localhost"
         self._port = u.port or 6379
-        self._tls = u.scheme == "rediss"
         self._username = unquote(u.username) if u.username else None
         self._password = unquote(u.password) if u.password else None
         db = u.path.lstrip("/") if u.scheme != "unix" else ""
-        query = dict(p.split("=", 1) for p in u.query.split("&") if "=" in p)
+        query = dict(parse_qsl(u.query))
         self._db = int(query.get("db") or db or 0)
+        try:
+            self._ssl = tls_context(query) if u.scheme == "rediss" else None
+        except (OSError, ssl.SSLError) as exc:  # a CA or client certificate that does not load
+            raise ValueError(f"Redis TLS settings of {redact_url(url)}: {exc}") from None
+        self._where = redact_url(url)
         self.connect_timeout_s = connect_timeout_s
         self.stale_after_s = stale_after_s
         self._proto: _Protocol | None = None
@@ -111,8 +163,7 @@ class PipelinedRedis:
                 transport, proto = await loop.create_unix_connection(lambda: _Protocol(self), self._unix_path)
             else:
                 transport, proto = await loop.create_connection(
-                    lambda: _Protocol(self), self._host, self._port,
-                    ssl=ssl.create_default_context() if self._tls else None)
+                    lambda: _Protocol(self), self._host, self._port, ssl=self._ssl)
         sock = transport.get_extra_info("socket")
         if sock is not None and not self._unix_path:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -127,7 +178,7 @@ class PipelinedRedis:
             for r in replies:
                 if isinstance(r, RedisReplyError):
                     self._broken(ConnectionError(f"Redis refused the connection set-up: {r}"))
-                    raise r
+                    raise RedisRefused(f"Redis at {self._where} refused the connection set-up: {r}")
 
     async def _ensure(self) -> None:
         if self._closed:
@@ -227,8 +278,37 @@ class PipelinedRedis:
             for h in handles:
                 h.cancel()
 
+    async def ping(self, timeout_s: float) -> None:
+        """Connect (TLS, AUTH, SELECT) and PING; RedisRefused if Redis or its TLS layer refuses us."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.execute("PING")
+        except RedisRefused:
+            raise
+        except ssl.SSLError as exc:
+            raise RedisRefused(f"Redis at {self._where}: TLS handshake failed: {exc.reason or exc}") from None
+        except RedisReplyError as exc:
+            raise RedisRefused(f"Redis at {self._where} refused PING: {exc}") from None
+
     async def aclose(self) -> None:
         self._closed = True
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.close()
         self._proto = None
+
+
+def check_connection(url: str, timeout_s: float = 3.0) -> None:
+    """Connect to ``url`` as the service does and PING (blocking; not for the event loop's thread).
+
+    Raises :class:`RedisRefused` (wrong password, unknown user, untrusted certificate: a
+    configuration error), ``OSError``/``TimeoutError`` (unreachable: may come up later), or
+    ``ValueError`` (an unusable URL). Messages name Redis by its URL without the password."""
+
+    async def ping() -> None:
+        client = PipelinedRedis(url, connect_timeout_s=timeout_s)
+        try:
+            await client.ping(timeout_s)
+        finally:
+            await client.aclose()
+
+    asyncio.run(ping())

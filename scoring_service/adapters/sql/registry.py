@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
-import getpass
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from scoring_service.adapters.sql.db import AuditEvent, ModelVersion, utcnow
 
-STATUSES = ("active", "shadow", "retired")
+STATUSES = ("active", "shadow", "canary", "retired")  # canary: answers FRAUDSCORE_CANARY_SHARE of the cards
 
 
 class RegistryError(Exception):
@@ -65,18 +65,18 @@ class ModelRecord:
 
 
 def _actor() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        return "unknown"
+    """The identity of a change made with direct database access: the process' uid, never an
+    environment variable (``$LOGNAME`` says whatever the caller sets). Changes through the admin
+    RPC record the authenticated caller instead (``actor=``)."""
+    return f"local:{os.getuid()}"
 
 
 class Registry:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def _audit(self, session: Session, action: str, subject: str, **details: Any) -> None:
-        session.add(AuditEvent(actor=_actor(), action=action, subject=subject, details=details))
+    def _audit(self, session: Session, action: str, subject: str, *, actor: str | None = None, **details: Any) -> None:
+        session.add(AuditEvent(actor=(actor or _actor())[:128], action=action, subject=subject, details=details))
 
     def next_version(self, prefix: str) -> str:
         """``<prefix>-<UTC timestamp>``: sortable, unique enough for humans, safe in Redis keys."""
@@ -142,8 +142,10 @@ class Registry:
             )
             return ModelRecord.of(row) if row else None
 
-    def activate(self, version: str) -> ModelRecord:
-        """Make ``version`` the one active model; the previous active one becomes shadow."""
+    def activate(self, version: str, *, actor: str | None = None, action: str = "activate") -> ModelRecord:
+        """Make ``version`` the one active model; the previous active one becomes shadow.
+
+        ``actor``: the authenticated identity to audit (default: ``local:<uid>``)."""
         with Session(self.engine) as session, session.begin():
             row = session.scalar(select(ModelVersion).where(ModelVersion.version == version).with_for_update())
             if row is None:
@@ -155,14 +157,14 @@ class Registry:
                 prev.status = "shadow"
             row.status = "active"
             row.activated_at = utcnow()
-            self._audit(session, "activate", version, previous=[p.version for p in previous])
+            self._audit(session, action, version, actor=actor, previous=[p.version for p in previous])
         return self.get(version)
 
-    def set_status(self, version: str, status: str) -> ModelRecord:
+    def set_status(self, version: str, status: str, *, actor: str | None = None) -> ModelRecord:
         if status not in STATUSES:
             raise RegistryError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
         if status == "active":
-            return self.activate(version)
+            return self.activate(version, actor=actor)
         with Session(self.engine) as session, session.begin():
             row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
             if row is None:
@@ -174,11 +176,50 @@ class Registry:
                 if others is None:
                     raise RegistryError(f"{version!r} is the only model that can serve; register another first")
             row.status = status
-            self._audit(session, status, version)
+            self._audit(session, status, version, actor=actor)
         return self.get(version)
 
-    def retire(self, version: str) -> ModelRecord:
-        return self.set_status(version, "retired")
+    def retire(self, version: str, *, actor: str | None = None) -> ModelRecord:
+        return self.set_status(version, "retired", actor=actor)
+
+    def canary(self) -> ModelRecord | None:
+        """The newest version with status ``canary`` (None: no canary in progress)."""
+        with Session(self.engine) as session:
+            row = session.scalar(select(ModelVersion).where(ModelVersion.status == "canary")
+                                 .order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc()))
+            return ModelRecord.of(row) if row else None
+
+    def promote(self, *, actor: str | None = None) -> ModelRecord:
+        """The canary becomes the active version (the previous active one: shadow), audited ``promote``."""
+        canary = self.canary()
+        if canary is None:
+            raise RegistryError("no canary to promote: `fraudscore model canary VERSION` starts one")
+        return self.activate(canary.version, actor=actor, action="promote")
+
+    def end_canary(self, *, actor: str | None = None) -> ModelRecord | None:
+        """Retire the canary in progress (every card back on the active version), audited ``rollback``;
+        None when there is none."""
+        with Session(self.engine) as session, session.begin():
+            rows = session.scalars(select(ModelVersion).where(ModelVersion.status == "canary")).all()
+            versions = [row.version for row in rows]
+            for row in rows:
+                row.status = "retired"
+                self._audit(session, "rollback", row.version, actor=actor, step="canary")
+        return self.get(versions[-1]) if versions else None
+
+    def rollback_target(self) -> str:
+        """The version that was active before the active one (from the audit log); RegistryError if none."""
+        active = self.active()
+        if active is None:
+            raise RegistryError("no active model to roll back from")
+        with Session(self.engine) as session:
+            rows = session.scalars(select(AuditEvent).where(AuditEvent.action.in_(("activate", "rollback", "promote")),
+                                                            AuditEvent.subject == active.version)
+                                   .order_by(AuditEvent.id.desc()).limit(1)).all()
+        previous = [v for v in (rows[0].details.get("previous") or []) if v != active.version] if rows else []
+        if not previous:
+            raise RegistryError(f"no version was active before {active.version!r}: nothing to roll back to")
+        return str(previous[0])
 
     def audit_log(self, limit: int = 50) -> builtins.list[AuditEvent]:  # ``list`` here is the method above
         with Session(self.engine) as session:
