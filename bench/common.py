@@ -13,11 +13,25 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 CACHE_DIR = REPO / ".cache" / "bench"
 GO_BIN = REPO / ".cache" / "go-bin"
-HANDBOOK = Path(os.environ.get(
-    "FRAUDSCORE_HANDBOOK", REPO.parent / "shared" / "data" / "handbook" / "transactions-2018-04-01_2018-08-31.parquet"))
-if not HANDBOOK.is_file():  # the checkout may sit elsewhere than beside shared/
-    alt = Path("/work/shared/data/handbook/transactions-2018-04-01_2018-08-31.parquet")
-    HANDBOOK = alt if alt.is_file() else HANDBOOK
+
+
+def _handbook() -> Path:
+    """FRAUDSCORE_HANDBOOK, else where ``fraudscore data handbook`` writes by default (run from the repo:
+    ``<FRAUDSCORE_DATA_DIR or var>/handbook/transactions-2018-04-01_2018-08-31.parquet``).
+
+    A checkout beside an older ``shared/data/handbook`` copy keeps using it until the download exists,
+    so results stay comparable with bench/HISTORY.md instead of silently switching to simulated traffic."""
+    from scoring_service.adapters.files.handbook_download import default_output
+
+    if os.environ.get("FRAUDSCORE_HANDBOOK"):
+        return Path(os.environ["FRAUDSCORE_HANDBOOK"])
+    data_dir = Path(os.environ.get("FRAUDSCORE_DATA_DIR", "var"))
+    downloaded = default_output(data_dir if data_dir.is_absolute() else REPO / data_dir)
+    legacy = REPO.parent / "shared" / "data" / "handbook" / downloaded.name
+    return legacy if not downloaded.is_file() and legacy.is_file() else downloaded
+
+
+HANDBOOK = _handbook()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
 

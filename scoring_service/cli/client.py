@@ -1,48 +1,78 @@
-"""``fraudscore score`` and ``fraudscore health``: call a running service (for people and probes)."""
+"""``fraudscore score`` and ``fraudscore health``: call a running service (for people and probes).
+
+Both go through the client package ``fraudscore_client`` (the same safe retries and TLS as any
+Python caller's). The API key comes from ``--api-key`` or ``FRAUDSCORE_API_KEY`` and is never printed.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from scoring_service.cli.common import console, fail
 
+if TYPE_CHECKING:
+    from fraudscore_client import FraudScoreClient
+
+Address = Annotated[str, typer.Option(help="Service address (host:port).")]
+TlsCa = Annotated[Path | None, typer.Option(help="PEM file of the CA that signed the server's certificate (turns TLS on).")]
+TlsCert = Annotated[Path | None, typer.Option(help="PEM client certificate, for mutual TLS (with --tls-key).")]
+TlsKey = Annotated[Path | None, typer.Option(help="PEM private key of the client certificate.")]
+TlsServerName = Annotated[str | None, typer.Option(help="Name to verify in the server's certificate (default: the host).")]
+ApiKey = Annotated[str | None, typer.Option(envvar="FRAUDSCORE_API_KEY", show_default=False, show_envvar=True,
+                                           help="API key, sent as x-api-key metadata (prefer the environment variable).")]
+Retries = Annotated[int, typer.Option(min=0, help="Retries where safe (UNAVAILABLE, RESOURCE_EXHAUSTED with pushback).")]
+
+
+@contextmanager
+def _client(address: str, timeout: float, tls_ca: Path | None, tls_cert: Path | None, tls_key: Path | None,
+            tls_server_name: str | None, api_key: str | None, retries: int) -> Iterator[FraudScoreClient]:
+    from fraudscore_client import FraudScoreClient, ScoringError  # noqa: F811 - at run time, on use
+
+    try:
+        client = FraudScoreClient(address, timeout_s=timeout, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                  tls_server_name=tls_server_name, api_key=(api_key or "").strip() or None,  # empty: none
+                                  retries=retries)
+    except ValueError as exc:  # unreadable PEM file, a certificate without its key, a bad timeout
+        fail(str(exc), 2)
+    try:
+        with client:
+            yield client
+    except ScoringError as exc:
+        fail(f"{exc.code_name}: {exc.details}", 1)
+
 
 def score(
     customer: Annotated[str, typer.Option(help="Customer (card) id.")],
     terminal: Annotated[str, typer.Option(help="Terminal id.")],
     amount: Annotated[float, typer.Option(help="Amount, 0 to 10,000,000 in the currency's units (0: a card verification).")],
-    address: Annotated[str, typer.Option(help="Service address.")] = "127.0.0.1:50051",
+    address: Address = "127.0.0.1:50051",
     transaction_id: Annotated[str | None, typer.Option(help="Transaction id (default: generated).")] = None,
     currency: Annotated[str, typer.Option(help="ISO 4217 currency; empty = the service's default.")] = "",
-    timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 5.0,
+    timeout: Annotated[float, typer.Option(help="Deadline in seconds, retries included.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_server_name: TlsServerName = None,
+    api_key: ApiKey = None,
+    retries: Retries = 2,
 ) -> None:
     """Call a running service's Score() and print the answer."""
-    import uuid
+    from datetime import UTC, datetime
 
-    import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
-
-    request = scoring_pb2.ScoreRequest(
-        request_id=uuid.uuid4().hex,
-        transaction=scoring_pb2.Transaction(  # setting the amount marks it present, 0 included
-            transaction_id=transaction_id or uuid.uuid4().hex, customer_id=customer, terminal_id=terminal,
-            amount=amount, currency=currency,
-        ),
-    )
-    request.transaction.timestamp.GetCurrentTime()
-    with grpc.insecure_channel(address) as channel:
-        try:
-            resp = scoring_pb2_grpc.FraudScoringStub(channel).Score(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            fail(f"{exc.code().name}: {exc.details()}", 1)
-    data = MessageToDict(resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    with _client(address, timeout, tls_ca, tls_cert, tls_key, tls_server_name, api_key, retries) as client:
+        result = client.score(customer, terminal, amount, transaction_id=transaction_id,
+                              currency=currency, timestamp=datetime.now(UTC))
+    data = MessageToDict(result.raw, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     if as_json:
         print(json.dumps(data))
         return
@@ -55,21 +85,19 @@ def score(
 
 
 def health(
-    address: Annotated[str, typer.Option(help="Service address.")] = "127.0.0.1:50051",
+    address: Address = "127.0.0.1:50051",
     timeout: Annotated[float, typer.Option(help="Seconds.")] = 2.0,
+    tls_ca: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_server_name: TlsServerName = None,
+    api_key: ApiKey = None,
 ) -> None:
     """Exit 0 when the service reports SERVING through grpc.health.v1 (for probes)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        try:
-            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        except grpc.RpcError as exc:
-            fail(f"{exc.code().name}: {exc.details()}", 1)
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    with _client(address, timeout, tls_ca, tls_cert, tls_key, tls_server_name, api_key, 0) as client:
+        status = client.health()
     console.print(status)
-    if resp.status != health_pb2.HealthCheckResponse.SERVING:
+    if status != "SERVING":
         raise typer.Exit(1)
 
 

@@ -13,6 +13,12 @@ COMPOSE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 
 
+def _is_grpc_health_check(code: str) -> bool:
+    """The image's health check: grpc.health.v1 Check on the serving port, exit 0 only for SERVING."""
+    return ("grpc_health.v1" in code and ".Check(" in code and "'127.0.0.1:50051'" in code
+            and "sys.exit(s != h.HealthCheckResponse.SERVING)" in code)
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
@@ -24,15 +30,18 @@ def test_services(compose):
 
 def test_scorer_port_dependencies_and_healthcheck(compose):
     scorer = compose["services"]["scorer"]
-    assert "50051:50051" in scorer["ports"]
+    # published on loopback unless FRAUDSCORE_BIND says otherwise
+    assert scorer["ports"] == ["${FRAUDSCORE_BIND:-127.0.0.1}:${FRAUDSCORE_PORT:-50051}:50051"]
     deps = scorer["depends_on"]
     assert deps["migrate"]["condition"] == "service_completed_successfully"
     assert deps["redis"]["condition"] == "service_healthy"
     assert deps["kafka"]["condition"] == "service_healthy"
-    assert "health" in scorer["healthcheck"]["test"]
+    assert scorer["healthcheck"]["test"][:3] == ["CMD", "python", "-c"]
+    assert _is_grpc_health_check(scorer["healthcheck"]["test"][3])
     env = scorer["environment"]
-    assert env["REDIS_URL"].startswith("redis://redis:") and env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
-    assert env["FRAUDSCORE_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert env["REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?") and env["REDIS_URL"].endswith("}@redis:6379/0")
+    assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert env["FRAUDSCORE_DATABASE_URL"].startswith("postgresql+psycopg://fraudscore:${POSTGRES_PASSWORD:?")
 
 
 def test_dependencies_have_healthchecks(compose):
@@ -53,7 +62,7 @@ def test_one_shot_jobs_use_the_cli(compose):
     assert migrate["command"] == ["db", "upgrade"] and migrate["restart"] == "no"
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
     nightly = compose["services"]["nightly"]
-    assert nightly["profiles"] == ["batch"] and nightly["command"][0] == "nightly"
+    assert nightly["profiles"] == ["nightly"] and nightly["command"][0] == "nightly"
     assert nightly["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
@@ -70,8 +79,67 @@ def test_dockerfile_is_multistage_nonroot_with_healthcheck():
     text = DOCKERFILE.read_text()
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2
     assert re.search(r"^USER (?!root)\S+", text, re.M)
-    assert re.search(r"^HEALTHCHECK .*\n?.*fraudscore\", \"health\"", text, re.M)
+    healthcheck = re.search(r'^HEALTHCHECK .*\\\n\s*CMD \["python", "-c", "(.*)"\]$', text, re.M)
+    assert healthcheck and _is_grpc_health_check(healthcheck.group(1))
     assert "EXPOSE 50051" in text
+    # the two targets, the base images as build arguments, a non-editable install
+    assert {"cpu", "gpu"} <= set(re.findall(r"^FROM \S+ AS (\S+)$", text, re.M))
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim-bookworm$", text, re.M)
+    assert re.search(r"^ARG UV_IMAGE=ghcr\.io/astral-sh/uv:", text, re.M)
+    assert "--no-editable" in text and "xgboost-cpu" in text
+
+
+def test_only_the_scorer_and_the_dashboards_publish_ports(compose):
+    published = {name for name, svc in compose["services"].items() if svc.get("ports")}
+    assert published == {"scorer", "prometheus", "grafana"}
+    for name in published:
+        for port in compose["services"][name]["ports"]:
+            assert port.startswith("${FRAUDSCORE_BIND:-127.0.0.1}:"), (name, port)
+    assert {"prometheus", "grafana"} == {n for n, s in compose["services"].items() if s.get("profiles") == ["observability"]}
+
+
+def test_backing_services_on_the_internal_network_only(compose):
+    assert compose["networks"]["backend"]["internal"] is True
+    for name in ("redis", "kafka", "postgres", "migrate", "nightly"):
+        assert compose["services"][name]["networks"] == ["backend"], name
+    assert set(compose["services"]["scorer"]["networks"]) == {"backend", "frontend"}
+
+
+def test_services_non_root_and_read_only(compose):
+    for name, svc in compose["services"].items():
+        assert svc.get("read_only") is True, name
+        user = str(svc["user"])
+        assert user.split(":")[0] not in ("0", "root"), name
+
+
+def test_secrets_come_from_the_env_file_not_the_compose_file(compose):
+    redis = compose["services"]["redis"]
+    assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    assert "$$REDIS_PASSWORD" in " ".join(redis["command"]) and "$$REDIS_PASSWORD" in " ".join(redis["healthcheck"]["test"])
+    assert compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    example = (REPO_ROOT / ".env.example").read_text()
+    for var in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        assert re.search(rf"^{var}=change-me", example, re.M), var
+    ignored = (REPO_ROOT / ".gitignore").read_text().splitlines()
+    assert "/.env" in ignored or ".env" in ignored
+
+
+def test_no_top_level_name_for_docker_compose_1_29(compose):
+    assert "name" not in compose
+
+
+def test_compose_env_names_are_settings(compose):
+    from pydantic import AliasChoices
+
+    from scoring_service.config import Settings
+
+    known = {"OMP_WAIT_POLICY"}
+    for field, info in Settings.model_fields.items():
+        known.add(f"FRAUDSCORE_{field.upper()}")
+        if isinstance(info.validation_alias, AliasChoices):
+            known |= {c for c in info.validation_alias.choices if isinstance(c, str)}
+    for name in ("migrate", "scorer", "nightly"):
+        assert set(compose["services"][name]["environment"]) <= known, name
 
 
 def test_readme_mentions_compose():

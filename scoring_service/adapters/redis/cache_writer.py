@@ -7,6 +7,12 @@ thread pool; every reply is checked. Only when every key of the generation is ac
 :func:`switch_generation` point ``fs:1:<model>:active`` at it with one ``SET``: readers see the
 old generation or the new one, never a mix. If anything fails, nothing is switched and the previous generation keeps
 serving; the half-written one expires with its TTL (or is removed by :func:`delete_generation`).
+
+:class:`RedisCacheWriter` (what the nightly and the replay write through) seals every entry with
+the MAC keys (``core.cache_layout.seal``), as the online write-back does; the module functions
+write what they are given. URLs may carry credentials and TLS settings
+(``rediss://user:password@host:port/db?ssl_ca_certs=...``): redis-py reads them; errors name Redis
+by its URL without the password.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 import redis
 
 from scoring_service.adapters.redis.protocol import pack_set_ex_many
+from scoring_service.adapters.redis.resp import redact_url
 from scoring_service.core.cache_layout import (
     CUSTOMER,
     TERMINAL,
@@ -27,7 +34,9 @@ from scoring_service.core.cache_layout import (
     active_generation_key,
     entity_key,
     generation_pattern,
+    seal,
 )
+from scoring_service.core.integrity import MacKeys
 from scoring_service.logging import get_logger
 
 log = get_logger(__name__)
@@ -118,7 +127,7 @@ def write_items(url: str, items: Sequence[tuple[bytes, bytes]], ttl_s: int, *, c
             try:
                 c = local.conn = _Conn(url, timeout)
             except redis.RedisError as exc:
-                raise CacheWriteError(f"cannot connect to Redis: {exc}") from None
+                raise CacheWriteError(f"cannot connect to Redis at {redact_url(url)}: {exc}") from None
             with lock:
                 conns.append(c)
         try:
@@ -192,13 +201,27 @@ def delete_generation(url: str, model_version: str, generation: str, batch: int 
 
 
 class RedisCacheWriter:
-    """The batch jobs' cache writer: the functions above bound to one Redis, TTL and pool size."""
+    """The batch jobs' cache writer: the functions above bound to one Redis, TTL, pool size and MAC keys.
 
-    def __init__(self, url: str, ttl_s: int, connections: int = 4) -> None:
-        self.url, self.ttl_s, self.connections = url, ttl_s, connections
+    ``cluster=True``: the same through ``cluster_writer`` (a Redis Cluster; docs/redis-cluster.md)."""
+
+    def __init__(self, url: str, ttl_s: int, connections: int = 4, *, mac: MacKeys, cluster: bool = False) -> None:
+        self.url, self.ttl_s, self.connections, self.mac = url, ttl_s, connections, mac
+        self.cluster = cluster
 
     def write_items(self, items: Sequence[tuple[bytes, bytes]], progress: Callable[[int], None] | None = None) -> WriteStats:
-        return write_items(self.url, items, self.ttl_s, connections=self.connections, progress=progress)
+        """SET every (key, encoded entry), sealed with the signing MAC key."""
+        sealed = [(k, seal(self.mac, k, v)) for k, v in items]
+        if self.cluster:
+            from scoring_service.adapters.redis import cluster_writer
+
+            return cluster_writer.write_items(self.url, sealed, self.ttl_s, connections=self.connections,
+                                              progress=progress)
+        return write_items(self.url, sealed, self.ttl_s, connections=self.connections, progress=progress)
 
     def switch_generation(self, model_version: str, generation: str, sample: Sequence[bytes]) -> str | None:
+        if self.cluster:
+            from scoring_service.adapters.redis import cluster_writer
+
+            return cluster_writer.switch_generation(self.url, model_version, generation, sample=sample)
         return switch_generation(self.url, model_version, generation, sample=sample)

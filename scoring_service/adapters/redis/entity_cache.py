@@ -5,6 +5,16 @@ A request reads both entities' entries and the card's intraday payments in one p
 refreshed in the background (``refresh_generation``). Write-backs of freshly scored entities and
 the intraday record of every scored payment are fire-and-forget: they never hold up an answer, and
 all those of one event-loop turn go out in one pipeline.
+
+Entries are sealed with the MAC keys (``core.cache_layout.seal``) on write-back and checked on
+read: one that does not verify (forged, altered, unsealed, signed by an unknown key) is read as
+unseen, counted (``fraudscore_cache_mac_rejected_total``) and logged at most every
+``_REJECT_LOG_EVERY_S``; the write-back of a card whose entry was rejected replaces it (no NX).
+
+``cluster=True``: the same keys on a Redis Cluster (``cluster.ClusterRedis``, docs/redis-cluster.md).
+A payment's entries and the card's intraday set lie in different slots, so the read is ``GET`` +
+``GET`` + ``ZRANGE`` instead of ``MGET`` + ``ZRANGE``, sent as one pipeline per node, concurrently:
+still one round trip of wall time.
 """
 
 from __future__ import annotations
@@ -14,6 +24,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
+from scoring_service.adapters.redis.cluster import ClusterRedis
 from scoring_service.adapters.redis.protocol import Arg
 from scoring_service.adapters.redis.resp import PipelinedRedis, RedisReplyError
 from scoring_service.core.cache_layout import (
@@ -28,14 +41,23 @@ from scoring_service.core.cache_layout import (
     entity_key,
     intraday_key,
     intraday_member,
+    open_sealed,
     parse_intraday_member,
+    seal,
 )
 from scoring_service.core.features.intraday import IntradayPayment
+from scoring_service.core.integrity import MacKeys
 from scoring_service.logging import get_logger
 
 RedisError = (RedisReplyError, OSError, TimeoutError)  # ConnectionError is an OSError
 
 log = get_logger(__name__)
+
+MAC_REJECTED = Counter("fraudscore_cache_mac_rejected_total",
+                       "Cache entries read as unseen because their MAC did not verify (forged, altered, unsealed).",
+                       ["kind"])
+_REJECT_LOG_EVERY_S = 10.0
+_REJECTED_KEYS_KEPT = 10_000
 
 
 class CircuitBreaker:
@@ -107,9 +129,14 @@ class CacheUnavailable(Exception):
 
 
 class EntityCache:
-    def __init__(self, url: str, *, timeout_s: float, ttl_s: int, breaker: CircuitBreaker) -> None:
-        # One pipelined connection for every request of this process (scoring_service/adapters/redis/resp.py).
-        self._client = PipelinedRedis(url, connect_timeout_s=max(timeout_s, 0.5), stale_after_s=max(1.0, 20 * timeout_s))
+    def __init__(self, url: str, *, timeout_s: float, ttl_s: int, breaker: CircuitBreaker, mac: MacKeys,
+                 cluster: bool = False) -> None:
+        # One pipelined connection for every request of this process (scoring_service/adapters/redis/resp.py),
+        # or one per node of a Redis Cluster (cluster.py).
+        options = {"connect_timeout_s": max(timeout_s, 0.5), "stale_after_s": max(1.0, 20 * timeout_s)}
+        self.cluster = cluster
+        self._client: PipelinedRedis | ClusterRedis = (ClusterRedis(url, **options) if cluster
+                                                       else PipelinedRedis(url, **options))
         self.timeout_s = timeout_s
         self.ttl_s = ttl_s
         self.breaker = breaker
@@ -118,6 +145,28 @@ class EntityCache:
         self._queued: list[tuple[str, CacheEntry]] = []
         self._queued_payments: list[tuple[str, float, float, str, bool]] = []
         self._flush_scheduled = False
+        self.mac = mac
+        self._rejected_keys: set[str] = set()  # customer keys whose entry did not verify: overwrite them
+        self._rejects_unlogged = 0
+        self._reject_logged_at = -_REJECT_LOG_EVERY_S
+
+    def _open(self, key: str, kind: EntityKind, raw: bytes | None) -> CacheEntry | None:
+        """The entry stored under ``key`` if its seal verifies; else None (counted, logged now and then)."""
+        if raw is None:
+            return None
+        payload = open_sealed(self.mac, key, raw)
+        if payload is not None:
+            return CacheEntry.decode(payload)
+        MAC_REJECTED.labels(kind).inc()
+        if kind == CUSTOMER and len(self._rejected_keys) < _REJECTED_KEYS_KEPT:
+            self._rejected_keys.add(key)
+        self._rejects_unlogged += 1
+        now = time.monotonic()
+        if now - self._reject_logged_at >= _REJECT_LOG_EVERY_S:
+            log.warning("cache.mac_rejected", entries=self._rejects_unlogged, kind=kind,
+                        note="entry not sealed by a configured key: read as unseen")
+            self._reject_logged_at, self._rejects_unlogged = now, 0
+        return None
 
     def generation(self, model_version: str) -> str:
         return self._generations.get(model_version, ONLINE_GENERATION)
@@ -152,7 +201,8 @@ class EntityCache:
             entity_key(model_version, gen, TERMINAL, terminal_id),
         )
         try:
-            commands: list[tuple[Arg, ...]] = [("MGET", *keys)]
+            # A cluster: the two keys lie in different slots (MGET would be refused: CROSSSLOT).
+            commands: list[tuple[Arg, ...]] = [("GET", keys[0]), ("GET", keys[1])] if self.cluster else [("MGET", *keys)]
             if intraday:
                 commands.append(("ZRANGE", intraday_key(customer_id), 0, -1, "WITHSCORES"))
             replies = await self._client.execute_many(commands, timeout_s=min(timeout_s, self.timeout_s))
@@ -163,11 +213,14 @@ class EntityCache:
             self.breaker.failure()
             raise CacheUnavailable(type(exc).__name__) from exc
         self.breaker.success()
-        raw_c, raw_t = replies[0]
+        if self.cluster:
+            (raw_c, raw_t), rest = replies[:2], replies[2:]
+        else:
+            (raw_c, raw_t), rest = replies[0], replies[1:]
         return CacheRead(
-            CacheEntry.decode(raw_c) if raw_c else None,
-            CacheEntry.decode(raw_t) if raw_t else None,
-            _intraday_payments(replies[1]) if intraday else [],
+            self._open(keys[0], CUSTOMER, raw_c),
+            self._open(keys[1], TERMINAL, raw_t),
+            _intraday_payments(rest[0]) if intraday else [],
         )
 
     def write_back(self, model_version: str, entries: Sequence[tuple[EntityKind, str, CacheEntry]]) -> None:
@@ -203,8 +256,16 @@ class EntityCache:
         self._flush_scheduled = False  # from here on, new writes schedule the next flush
         queued, self._queued = self._queued, []
         payments, self._queued_payments = self._queued_payments, []
-        # NX: never overwrite an entry a batch run (or a concurrent request) wrote.
-        commands: list[tuple[Arg, ...]] = [("SET", key, entry.encode(), "EX", self.ttl_s, "NX") for key, entry in queued]
+        # NX: never overwrite an entry a batch run (or a concurrent request) wrote; one that did
+        # not verify (forged) is replaced.
+        commands: list[tuple[Arg, ...]] = []
+        for key, entry in queued:
+            value = seal(self.mac, key, entry.encode())
+            if key in self._rejected_keys:
+                self._rejected_keys.discard(key)
+                commands.append(("SET", key, value, "EX", self.ttl_s))
+            else:
+                commands.append(("SET", key, value, "EX", self.ttl_s, "NX"))
         for customer_id, timestamp, amount, transaction_id, trim in payments:
             key = intraday_key(customer_id)
             commands.append(("ZADD", key, "NX", repr(timestamp), intraday_member(amount, transaction_id)))
