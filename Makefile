@@ -5,7 +5,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 UV ?= uv
 PYTEST_ARGS ?=
 
-.PHONY: deps install run test test-unit bench protos lint clean
+.PHONY: deps install run test test-unit bench bench-overload bench-soak bench-score-batch plots data compose-test protos lint clean
 
 deps:
 	@scripts/install-deps.sh
@@ -31,6 +31,30 @@ test-unit: install
 
 bench: install
 	$(UV) run --frozen python -m bench.run $(BENCH_ARGS)
+
+# Overload curve (0.5x-3x of capacity, open loop), the one-hour soak, ScoreBatch against the budget
+# (docs/overload.md), and the pictures of the benchmark JSON (docs/img).
+bench-overload: install
+	$(UV) run --frozen python -m bench.overload $(BENCH_ARGS)
+
+bench-soak: install
+	$(UV) run --frozen python -m bench.soak $(BENCH_ARGS)
+
+bench-score-batch: install
+	$(UV) run --frozen python -m bench.score_batch $(BENCH_ARGS)
+
+plots: install
+	$(UV) run --frozen python -m bench.plots
+
+# The handbook data set, downloaded and checked (docs/client.md).
+data: install
+	$(UV) run --frozen fraudscore data handbook --trust-unlisted
+
+# The deployment test (minutes): Docker, stand-in images where no registry is reachable, both image
+# targets, compose up / score / publish / nightly / CACHE / down -v (docs/deploy.md).
+compose-test: install
+	scripts/docker/setup.sh
+	FRAUDSCORE_DOCKER_TESTS=1 $(UV) run --frozen pytest -p no:cacheprovider -ra -s tests/deploy $(PYTEST_ARGS)
 
 protos:
 	$(UV) run --frozen python -m scoring_service.protos

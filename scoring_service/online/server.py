@@ -12,7 +12,7 @@ import asyncio
 import gc
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,9 +23,13 @@ from prometheus_client import Counter, Gauge
 
 from scoring_service.adapters.model.gbdt import GbdtModel, ModelError
 from scoring_service.adapters.redis.entity_cache import EntityCache
+from scoring_service.adapters.sql.db import DatabaseUnavailable
 from scoring_service.adapters.sql.registry import ModelRecord, Registry
 from scoring_service.logging import get_logger
+from scoring_service.online.admin import ADMIN_SERVICE, ModelAdminServicer
+from scoring_service.online.admin import add_to_server as add_admin_to_server
 from scoring_service.online.admission import AdmissionControl
+from scoring_service.online.auth import Security
 from scoring_service.online.options import ModelOptions, RequestOptions, ScoringMode, ServerOptions
 from scoring_service.online.scorer import Scorer, ServingModel
 from scoring_service.online.servicer import FraudScoringServicer, add_to_server
@@ -37,6 +41,8 @@ ModelLoader = Callable[[ModelRecord], GbdtModel]  # checks the artifact; raises 
 
 MODEL_REFUSED = Counter("fraudscore_model_refused_total", "Model versions that could not be loaded.")
 MODEL_MISMATCH = Gauge("fraudscore_model_mismatch", "1 while the version serving is not the registry's active one.")
+REGISTRY_POLL_FAILED = Counter("fraudscore_registry_poll_failures_total",
+                               "Registry polls that failed (database unreachable, ...); the model serving keeps serving.")
 MODEL_INFO = Gauge("fraudscore_model_info", "The version serving and the registry's active one (value 1).",
                    ["serving", "active"])
 
@@ -123,7 +129,9 @@ class ScoringServer:
         model_options: ModelOptions,
         request_options: RequestOptions,
         server_options: ServerOptions,
+        security: Security | None = None,
     ) -> None:
+        self.security = security or Security()  # TLS and caller authentication (online/auth.py)
         self.registry = registry
         self.cache = cache
         self.load_model = load_model
@@ -138,6 +146,10 @@ class ScoringServer:
         self._answers = HeldAnswers(FraudScoringServicer(self.scorer, request_options))
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        # online/telemetry.py: interceptors around admission control, background watchers (shadow, canary)
+        self.outer_interceptors: list[grpc.aio.ServerInterceptor] = []
+        self.inner_interceptors: list[grpc.aio.ServerInterceptor] = []
+        self.watchers: list[Callable[[], Coroutine[Any, Any, None]]] = []
 
     async def load_active_model(self) -> bool:
         """Load the registry's active version if it differs from the one serving. True if swapped.
@@ -203,7 +215,12 @@ class ScoringServer:
             await asyncio.sleep(self.options.registry_poll_s)
             try:
                 await self.load_active_model()
+            except DatabaseUnavailable as exc:  # the database is down: keep serving, count it, try again
+                REGISTRY_POLL_FAILED.inc()
+                serving = self.scorer.serving
+                log.error("model.watch_failed", error=str(exc), serving=serving.version if serving else None)
             except Exception:
+                REGISTRY_POLL_FAILED.inc()
                 log.exception("model.watch_failed")
 
     async def _watch_generation(self) -> None:
@@ -217,9 +234,10 @@ class ScoringServer:
         admission = AdmissionControl(
             {f"/{SERVICE_NAME}/Score", f"/{SERVICE_NAME}/ScoreBatch"}, max_in_flight=self.options.max_in_flight,
             min_time_s=self.options.min_call_time_ms / 1000.0, pushback_ms=self.options.pushback_ms,
+            max_queue_s=self.options.max_queue_ms / 1000.0, queue_from_deadline=self.options.queue_from_deadline,
         )
         self.server = grpc.aio.server(
-            interceptors=[admission],
+            interceptors=[*self.outer_interceptors, *self.security.interceptors(), admission, *self.inner_interceptors],
             options=[
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -227,14 +245,15 @@ class ScoringServer:
             ],
         )
         add_to_server(self._answers, self.server)
+        add_admin_to_server(ModelAdminServicer(self.registry, self.load_model), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, ADMIN_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(self.options.listen)
+        self.port = self.security.bind(self.server, self.options.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {self.options.listen}")
         await self.load_active_model()
@@ -248,6 +267,8 @@ class ScoringServer:
             asyncio.create_task(self._watch_registry(), name="registry-watch"),
             asyncio.create_task(self._watch_generation(), name="generation-watch"),
         ]
+        self._tasks += [asyncio.create_task(watch(), name=watch.__qualname__) for watch in self.watchers]
+        self._tasks.append(asyncio.create_task(admission.lag.run(), name="loop-lag"))  # online/admission.py
         log.info("server.started", listen=self.options.listen, port=self.port, pid=os.getpid(),
                  mode=self.scorer.mode.value, model_version=self.scorer.serving.version if self.scorer.serving else None)
         return self.port
@@ -294,4 +315,5 @@ class ScoringServer:
         if self.cache is not None:
             await self.cache.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        await self.security.close()
         log.info("server.stopped", pid=os.getpid())

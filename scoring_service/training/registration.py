@@ -47,7 +47,8 @@ def train_and_register(
         # JSON holds no infinity (PostgreSQL refuses it): a rule that never fires is stored by its absence.
         policy={k: v for k, v in result.policy.items() if math.isfinite(v)},
         metrics=result.metrics,
-        params={**result.params, "train_window": list(result.train_window), "test_window": list(result.test_window)},
+        params={**result.params, "train_window": list(result.train_window), "test_window": list(result.test_window),
+                "drift_profile": result.extra.get("drift_profile")},  # core/drift.py: the PSI reference
         description=description,
         activate=activate,
     )

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from scoring_service.adapters.files.payments_file import read_payments_file
+from scoring_service.core import drift
 from scoring_service.core.features import (
     FEATURE_NAMES,
     LABEL_DELAY_DAYS,
@@ -168,6 +169,7 @@ def _finish(
     oof = _oof_scores(framework, X_tr, y_tr, groups_tr, params, rounds)
     thresholds = choose_thresholds(y_tr, oof)
     policy = learn_policy(pay_tr, feat_tr)
+    extra = {**extra, "drift_profile": drift.profile(X_tr, oof, FEATURE_NAMES)}  # core/drift.py: PSI reference
     res = TrainResult(
         artifact_path=path, framework=framework, feature_names=list(FEATURE_NAMES), thresholds=thresholds,
         policy=policy, metrics=metrics, params=params, train_window=train_window, test_window=test_window, extra=extra,

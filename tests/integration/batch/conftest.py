@@ -54,11 +54,16 @@ def generation_contents(r, model: str, gen: str) -> dict[str, dict]:  # type: ig
     """Every entry of one cache generation, keyed by ``kind:id``, without the generation field."""
     import json
 
-    from scoring_service.core.cache_layout import generation_pattern
+    from scoring_service.core.cache_layout import generation_pattern, open_sealed
+    from scoring_service.core.integrity import MacKeys
+    from tests.servers.redis import TEST_CACHE_MAC_KEYS
 
+    keys = MacKeys.parse(TEST_CACHE_MAC_KEYS)  # the batch runs seal with the session's key (tests/conftest.py)
     out = {}
     for k in r.scan_iter(match=generation_pattern(model, gen), count=5000):
-        d = json.loads(r.get(k))
+        payload = open_sealed(keys, k, r.get(k))
+        assert payload is not None, f"{k!r}: not sealed with the configured MAC key"
+        d = json.loads(payload)
         d.pop("g")
         out[k.decode().split(":", 4)[4]] = d
     return out
