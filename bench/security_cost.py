@@ -28,6 +28,8 @@ import grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import tree_cpu_seconds  # noqa: E402
+from bench.mac_cost import micro as mac_micro  # noqa: E402
 from scoring_service.bootstrap import key_store, registry  # noqa: E402
 from scoring_service.config import Settings  # noqa: E402
 from scoring_service.protos import scoring_pb2, scoring_pb2_grpc  # noqa: E402
@@ -74,15 +76,20 @@ async def _load(proc: ScorerProcess, mix: str, seconds: float, concurrency: int,
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
 
+    pid = proc.proc.pid if proc.proc else None
+    cpu0 = tree_cpu_seconds([pid]) if pid else 0.0
     start = time.monotonic()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = time.monotonic() - start
+    # the server's own CPU per answered call (its process tree, from /proc): what TLS and keys add to
+    # the service, whatever limits the load generator on the same machine
+    cpu_us = (tree_cpu_seconds([pid]) - cpu0) / max(1, len(latencies)) * 1e6 if pid else float("nan")
     for c in channels:
         await c.close()
     latencies.sort()
     q = statistics.quantiles(latencies, n=100) if len(latencies) >= 100 else [float("nan")] * 99
     return {"rps": round(len(latencies) / elapsed, 1), "ok": len(latencies), "errors": errors,
-            "p50_ms": round(q[49], 3), "p99_ms": round(q[98], 3)}
+            "p50_ms": round(q[49], 3), "p99_ms": round(q[98], 3), "server_cpu_us_per_call": round(cpu_us, 1)}
 
 
 async def _warm(proc: ScorerProcess, key: str | None) -> None:
@@ -151,9 +158,16 @@ def main() -> None:
         base = results["plaintext"]
         ratios = {name: {mix: round(r[mix]["rps"] / base[mix]["rps"], 3) if base[mix]["rps"] else None
                          for mix in ("hits", "unseen")} for name, r in results.items()}
+        cpu_added = {name: {mix: round(r[mix]["server_cpu_us_per_call"] - base[mix]["server_cpu_us_per_call"], 1)
+                            for mix in ("hits", "unseen")} for name, r in results.items()}
+        # the MAC is always on (every variant pays it); its own cost per hit, measured in this run
+        from scoring_service.core.integrity import MacKeys
+
+        mac = mac_micro(20000, MacKeys([("k2", b"k" * 32), ("k1", b"j" * 32)]))
         report = {"bench": "security_cost", "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "seconds": args.seconds, "concurrency": args.concurrency, "workers": args.workers,
-                  "results": results, "rps_vs_plaintext": ratios}
+                  "results": results, "rps_vs_plaintext": ratios, "server_cpu_us_added_vs_plaintext": cpu_added,
+                  "mac": mac}
         out = REPO / "bench" / "results" / f"security-cost-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json"
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

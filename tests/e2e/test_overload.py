@@ -93,8 +93,12 @@ def test_calls_that_queued_before_the_handler_are_refused_with_pushback_and_logg
 
     codes, details, answers = asyncio.run(flood())
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
-    assert codes["RESOURCE_EXHAUSTED"] > 0 and codes["OK"] > 0
+    # how many of the 400 got in before the 5 ms bound depends on the machine (on a quiet CI machine
+    # grpc took them all in before the first handler ran: every one had queued, every one refused)
+    assert codes["RESOURCE_EXHAUSTED"] > 0
     assert all("before being handled" in d and pushback == "100" for d, pushback in details)
+    with grpc.insecure_channel(queue_bound_scorer.address) as ch:  # the queue gone, a call is answered again
+        assert scoring_pb2_grpc.FraudScoringStub(ch).Score(_request(10.0), timeout=3).model_version
     assert all(a.decision != scoring_pb2.APPROVE for a in answers if a.source == scoring_pb2.FALLBACK)
     refused = queue_bound_scorer.log_events("admission.refused")
     assert refused and {e["reason"] for e in refused} == {"queueing"}

@@ -223,14 +223,14 @@ def test_rate_limit_buckets_live_on_the_cluster_node_that_owns_them(cluster: Red
     async def run() -> tuple[list[list[bool]], set[bool], set[tuple[str, int]]]:
         a, b = RateLimiter(cluster.url, cluster=True, timeout_s=1.0), RateLimiter(cluster.url, cluster=True, timeout_s=1.0)
         allowed, shared = [], set()
-        for key_id in range(1, 7):  # six keys: their buckets spread over the three nodes
+        for key_id in range(101, 107):  # six keys (not the fs:rl:0-11 strings of the EVAL test): spread over the nodes
             row = []
             for i in range(6):  # burst 4, a negligible refill: 4 allowed in all, across both limiters
                 verdict = await (a if i % 2 else b).take(key_id, 0.001, 4)
                 row.append(verdict.allowed)
                 shared.add(verdict.shared)
             allowed.append(row)
-        owners = {a._redis.owner(f"fs:rl:{k}") for k in range(1, 7)}  # type: ignore[union-attr]
+        owners = {a._redis.owner(f"fs:rl:{k}") for k in range(101, 107)}  # type: ignore[union-attr]
         await a.close()
         await b.close()
         return allowed, shared, owners
