@@ -5,7 +5,9 @@
 Against the real service (``fraudscore serve``, real Redis, a trained model, a filled cache: the
 helpers of ``bench.fraudscore_svc``), traffic ``mixed`` (90 % cached customers, 10 % unseen).
 First the capacity: a closed loop of 64 callers, OK answers/s. Then, per step, ``fsload`` (Go,
-open loop: latency = answer - scheduled send, no coordinated omission) at ``step x capacity``;
+open loop: latency = answer - scheduled send, no coordinated omission) at ``step x capacity``
+(its callers send their timeout as ``fraudscore_client`` does, unless ``--no-send-timeout``; with
+``--throttle-k K`` they also throttle themselves as it does);
 alongside it a Python probe sends ~25 payments/s of unseen cards (they need the model) and reads
 each answer's source and decision, to count the decisions of degraded (FALLBACK) answers and the
 silent approvals: a FALLBACK APPROVE (the model was skipped and the payment approved).
@@ -78,14 +80,14 @@ def requests_file(traffic, envr, mix: str, n: int, run_id: str) -> Path:
 
 
 def fsload_run(svc, envr, path: Path, *, mode: str, rps: float = 0, concurrency: int = 1, seconds: float,
-               warmup: float, offset: int, deadline_s: float) -> dict:
+               warmup: float, offset: int, deadline_s: float, throttle_k: float = 0.0, send_timeout: bool = True) -> dict:
     from bench import fraudscore_svc as S
     from bench.loadgen import run_fsload
 
     return run_fsload(addr=svc.address, method=S.METHOD, data=path, mode=mode, server_pids=svc.pids(),
                       concurrency=concurrency, rps=rps, duration=seconds, warmup=warmup, conns=32, offset=offset,
                       enum_field=S.SOURCE_FIELD, flag_field=S.DEGRADED_FIELD, timeout=deadline_s,
-                      extra_pids={"redis": [envr.redis.proc.pid]})
+                      extra_pids={"redis": [envr.redis.proc.pid]}, throttle_k=throttle_k, send_timeout=send_timeout)
 
 
 def measure_capacity(svc, envr, traffic, run_id: str, deadline_s: float) -> tuple[float, dict]:
@@ -123,9 +125,11 @@ class Probe(threading.Thread):
     def run(self) -> None:
         import grpc
 
+        from fraudscore_client import TIMEOUT_HEADER
         from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
 
         p = self.traffic.payments
+        timeout_md = ((TIMEOUT_HEADER, f"{self.deadline_s * 1000:.1f}"),)  # as fraudscore_client sends it
         with grpc.insecure_channel(self.address) as ch:
             stub = scoring_pb2_grpc.FraudScoringStub(ch)
             i, t0 = 0, time.monotonic()
@@ -140,7 +144,7 @@ class Probe(threading.Thread):
                 t.terminal_id, t.amount, t.currency = str(p["terminal_id"].iat[j]), float(p["amount"].iat[j]), "EUR"
                 t.timestamp.FromDatetime(p["timestamp"].iat[j].to_pydatetime())
                 row: dict = {"amount": t.amount, "sent": time.monotonic()}
-                stub.Score.future(req, timeout=self.deadline_s).add_done_callback(
+                stub.Score.future(req, timeout=self.deadline_s, metadata=timeout_md).add_done_callback(
                     lambda fut, row=row: self._record(fut, row))  # open loop: never waits for an answer
                 i += 1
             deadline = time.monotonic() + self.deadline_s + 1
@@ -188,6 +192,7 @@ def step_row(mult: float, target: float, res: dict, probe: dict) -> dict:
         "goodput_rps": round(res["achieved_rps"] * share, 1), "ok_within_budget_share_lb": share,
         "resource_exhausted_share": round(codes.get("ResourceExhausted", 0) / measured, 4),
         "deadline_exceeded_share": round(codes.get("DeadlineExceeded", 0) / measured, 4),
+        "throttled_locally_share": round(codes.get("ThrottledLocally", 0) / measured, 4),
         "codes": codes, "client_dropped": res.get("client_dropped", 0),
         "admitted_p50_ms": res["latency_ms"].get("p50"), "admitted_p99_ms": res["latency_ms"].get("p99"),
         "admitted_max_ms": res["latency_ms"].get("max"), "sources": sources,
@@ -205,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline-ms", type=float, default=1000.0, help="the callers' deadline (fsload and probe)")
     ap.add_argument("--probe-rate", type=float, default=25.0)
     ap.add_argument("--service-env", nargs="*", default=[], help="settings of the service, K=V (FRAUDSCORE_...)")
+    ap.add_argument("--throttle-k", type=float, default=0.0,
+                    help="the load's callers throttle themselves as fraudscore_client does, with this k (0: raw load)")
+    ap.add_argument("--no-send-timeout", action="store_true",
+                    help="the load's callers do not send x-fraudscore-timeout-ms (callers not using fraudscore_client)")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
     env = dict(kv.split("=", 1) for kv in args.service_env)
@@ -214,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline_s = args.deadline_ms / 1000
     traffic, envr, svc = start_service(args.workers, env)
     out: dict = {"bench": "overload", "stamp": stamp, "note": args.note, "budget_ms": BUDGET_MS,
+                 "throttle_k": args.throttle_k, "send_timeout": not args.no_send_timeout,
                  "deadline_ms": args.deadline_ms, "server": svc.describe(), "mix": "mixed", "steps": []}
     try:
         capacity, out["capacity"] = measure_capacity(svc, envr, traffic, run_id, deadline_s)
@@ -227,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             probe = Probe(svc.address, traffic, args.probe_rate, deadline_s, f"{run_id}-{mult}")
             probe.start()
             res = fsload_run(svc, envr, path, mode="open", rps=target, seconds=args.seconds, warmup=args.warmup,
-                             offset=offset, deadline_s=deadline_s)
+                             offset=offset, deadline_s=deadline_s, throttle_k=args.throttle_k,
+                             send_timeout=not args.no_send_timeout)
             probe.stop_flag.set()
             probe.join(timeout=5)
             offset += n

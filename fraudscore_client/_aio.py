@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from types import TracebackType
@@ -13,11 +12,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fraudscore_client._attempts import Attempts
 from fraudscore_client._channel import ChannelConfig, PathLike, open_aio_channel
-from fraudscore_client._errors import ScoringError
 from fraudscore_client._messages import ScoreResult, Transaction, from_response, to_request
-from fraudscore_client._retry import RetryPolicy, retry_delay
+from fraudscore_client._retry import RetryPolicy
 from fraudscore_client._sync import DEFAULT_TIMEOUT_S, _policy, _timeout
+from fraudscore_client._throttle import DEFAULT_K, AdaptiveThrottle, throttle_of
 from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
 
 
@@ -36,11 +36,13 @@ class AsyncFraudScoreClient:
         api_key: str | None = None,
         retries: int | RetryPolicy = 2,
         rng: random.Random | None = None,
+        throttle: AdaptiveThrottle | float | None = DEFAULT_K,
     ) -> None:
         self.timeout_s = _timeout(timeout_s)
         self.retry_policy = _policy(retries)
         self._config = ChannelConfig(target, tls_ca, tls_cert, tls_key, tls_server_name, api_key)
         self._rng = rng
+        self.throttle = throttle_of(throttle)
         self._channel = open_aio_channel(self._config)
         self._stub = scoring_pb2_grpc.FraudScoringStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -71,21 +73,17 @@ class AsyncFraudScoreClient:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     async def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
-        deadline = time.monotonic() + _timeout(timeout_s if timeout_s is not None else self.timeout_s)
-        metadata = self._config.metadata()
-        attempt = 0
+        attempts = Attempts(_timeout(timeout_s if timeout_s is not None else self.timeout_s), self.retry_policy,
+                            self.throttle, self._config, self._rng)
         while True:
-            attempt += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ScoringError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call", attempts=attempt - 1)
+            remaining, metadata = attempts.next()
             try:
-                return await method(request, timeout=remaining, metadata=metadata)
+                answer = await method(request, timeout=remaining, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
-                delay = retry_delay(self.retry_policy, exc.code(), exc.trailing_metadata(), attempt,
-                                    deadline - time.monotonic(), self._rng)
-                if delay is None:
-                    raise ScoringError(exc.code(), exc.details() or "", attempts=attempt) from None
+                delay = attempts.failed(exc)
+            else:
+                attempts.answered()
+                return answer
             await asyncio.sleep(delay)
 
     async def close(self) -> None:

@@ -8,6 +8,10 @@ from pathlib import Path
 import grpc
 
 API_KEY_HEADER = "x-api-key"
+# This attempt's timeout, sent with it: the service measures from it how long the call waited before
+# its handler, and refuses (RESOURCE_EXHAUSTED) a call that waited past its queueing bound
+# (scoring_service/online/admission.py reads it; the same name there).
+TIMEOUT_HEADER = "x-fraudscore-timeout-ms"
 PathLike = str | Path
 
 
@@ -48,6 +52,10 @@ class ChannelConfig:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((API_KEY_HEADER, self.api_key),) if self.api_key else ()
+
+    def attempt_metadata(self, timeout_s: float) -> tuple[tuple[str, str], ...]:
+        """The metadata of one attempt whose gRPC timeout is ``timeout_s``."""
+        return (*self.metadata(), (TIMEOUT_HEADER, f"{timeout_s * 1000:.1f}"))
 
     def __repr__(self) -> str:  # never print the key
         key = "<set>" if self.api_key else None

@@ -12,10 +12,11 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fraudscore_client._attempts import Attempts
 from fraudscore_client._channel import ChannelConfig, PathLike, open_channel
-from fraudscore_client._errors import ScoringError
 from fraudscore_client._messages import ScoreResult, Transaction, from_response, to_request
-from fraudscore_client._retry import RetryPolicy, retry_delay
+from fraudscore_client._retry import RetryPolicy
+from fraudscore_client._throttle import DEFAULT_K, AdaptiveThrottle, throttle_of
 from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
 
 T = TypeVar("T")
@@ -38,6 +39,10 @@ class FraudScoreClient:
     ``timeout_s`` is each call's overall deadline, retries included (a call may override it).
     ``retries``: how many times a call may be tried again (an int, or a :class:`RetryPolicy`);
     only failures where the service did not run the call are retried (see ``_retry``).
+    ``throttle``: adaptive throttling (``_throttle``): while the service refuses calls for overload,
+    the client refuses some itself without sending them, so the refusals do not eat the service's
+    capacity; a float is its ``k`` (2 by default), an :class:`AdaptiveThrottle` may be shared by
+    several clients, None turns it off.
     TLS: ``tls_ca`` (PEM path) verifies the server; ``tls_cert`` + ``tls_key`` add a client
     certificate (mTLS). ``api_key`` goes as the ``x-api-key`` metadata of every call.
     """
@@ -54,11 +59,13 @@ class FraudScoreClient:
         api_key: str | None = None,
         retries: int | RetryPolicy = 2,
         rng: random.Random | None = None,
+        throttle: AdaptiveThrottle | float | None = DEFAULT_K,
     ) -> None:
         self.timeout_s = _timeout(timeout_s)
         self.retry_policy = _policy(retries)
         self._config = ChannelConfig(target, tls_ca, tls_cert, tls_key, tls_server_name, api_key)
         self._rng = rng
+        self.throttle = throttle_of(throttle)
         self._channel = open_channel(self._config)
         self._stub = scoring_pb2_grpc.FraudScoringStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -93,23 +100,21 @@ class FraudScoreClient:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def _call(self, method: Callable[..., T], request: Any, timeout_s: float | None) -> T:
-        deadline = time.monotonic() + _timeout(timeout_s if timeout_s is not None else self.timeout_s)
-        metadata = self._config.metadata()
-        attempt = 0
+        attempts = self._attempts(timeout_s)
         while True:
-            attempt += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ScoringError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call", attempts=attempt - 1)
+            remaining, metadata = attempts.next()
             try:
-                return method(request, timeout=remaining, metadata=metadata)
+                answer = method(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
-                trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-                code = exc.code() if hasattr(exc, "code") else None
-                delay = retry_delay(self.retry_policy, code, trailing, attempt, deadline - time.monotonic(), self._rng)
-                if delay is None:
-                    raise ScoringError.from_rpc_error(exc, attempts=attempt) from None
+                delay = attempts.failed(exc)
+            else:
+                attempts.answered()
+                return answer
             time.sleep(delay)
+
+    def _attempts(self, timeout_s: float | None) -> Attempts:
+        timeout = _timeout(timeout_s if timeout_s is not None else self.timeout_s)
+        return Attempts(timeout, self.retry_policy, self.throttle, self._config, self._rng)
 
     def close(self) -> None:
         self._channel.close()

@@ -75,10 +75,11 @@ class Settings(BaseSettings):
         "and with queue_from_deadline its deadline) gets RESOURCE_EXHAUSTED before any work; 0 = off. "
         "Half the budget by default: an admitted call keeps the other half.",
     )
-    queue_from_deadline: bool = Field(
-        False, description="Also measure a call's wait before its handler by its deadline, against the longest deadline "
-        "its connection sent lately (docs/overload.md). Turn on when each caller connection sends one timeout (a payment "
-        "service's client); a connection mixing timeouts would see its shorter ones refused as queued.",
+    queue_from_deadline: bool | Literal["auto"] = Field(
+        "auto", description="Measure a call's wait before its handler from its deadline (docs/overload.md). auto: "
+        "for callers that send their timeout as x-fraudscore-timeout-ms (fraudscore_client does): exact, per call. "
+        "true: also, for callers that send none, against the longest deadline their connection sent lately (a "
+        "connection mixing timeouts sees its shorter ones refused as queued). false: the event loop's lag only.",
     )
     fallback_min_decision: Literal["APPROVE", "REVIEW", "DECLINE"] = Field(
         "REVIEW", description="The weakest decision of a FALLBACK answer (the model was skipped: overload, timeout). "

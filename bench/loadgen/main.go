@@ -12,6 +12,15 @@
 // time, so a server (or client) that falls behind shows up in the percentiles (no coordinated
 // omission). Also reported: "service" latency (answer - actual send) and the send lag.
 //
+// -throttle-k K: each call first asks the client's adaptive throttle (fraudscore_client/_throttle.py,
+// the same rule: over the last 10 s, refuse locally with probability
+// max(0, (requests - K*accepts) / (requests + 8)); an answer that is not RESOURCE_EXHAUSTED is an
+// accept). A locally refused call is not sent and is counted under the code "ThrottledLocally".
+//
+// Each call carries its timeout as the metadata x-fraudscore-timeout-ms (-send-timeout, on by
+// default), as fraudscore_client does: the service measures from it each call's wait before its
+// handler.
+//
 // Output: one JSON object on stdout (or -out FILE).
 package main
 
@@ -24,6 +33,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"math/rand"
 	"os"
 	"sort"
 	"sync"
@@ -34,6 +44,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -51,11 +62,55 @@ func (rawCodec) Name() string { return "proto" } // same content-subtype as real
 
 var _ encoding.Codec = rawCodec{}
 
+// throttle: adaptive throttling, as fraudscore_client._throttle.AdaptiveThrottle (1 s buckets).
+type throttle struct {
+	mu       sync.Mutex
+	k        float64
+	requests [10]int
+	accepts  [10]int
+	current  int64
+	rng      *rand.Rand
+}
+
+func (t *throttle) advance() int {
+	now := time.Now().Unix()
+	if now != t.current {
+		for step := int64(0); step < now-t.current && step < 10; step++ {
+			slot := (t.current + 1 + step) % 10
+			t.requests[slot], t.accepts[slot] = 0, 0
+		}
+		t.current = now
+	}
+	return int(now % 10)
+}
+
+// allow counts a request and says whether to send it.
+func (t *throttle) allow() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	slot := t.advance()
+	req, acc := 0, 0
+	for i := 0; i < 10; i++ {
+		req += t.requests[i]
+		acc += t.accepts[i]
+	}
+	p := math.Max(0, (float64(req)-t.k*float64(acc))/float64(req+8))
+	t.requests[slot]++
+	return !(p > 0 && t.rng.Float64() < p)
+}
+
+func (t *throttle) accepted() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.accepts[t.advance()]++
+}
+
 type sample struct {
 	schedNs int64 // scheduled (open) or actual (closed) start, ns since run start
 	sendNs  int64
 	doneNs  int64
 	code    codes.Code
+	local   bool  // refused by the client's throttle, never sent
 	enumVal int32 // value of -enum-field in the response (-1 = absent/not asked)
 	flag    bool  // value of -flag-field in the response
 }
@@ -165,6 +220,8 @@ func main() {
 	enumField := flag.Int("enum-field", 0, "count the values of this top-level varint field of the responses (0 = off)")
 	flagField := flag.Int("flag-field", 0, "count responses with this top-level bool field set (0 = off)")
 	out := flag.String("out", "", "write the JSON here instead of stdout")
+	sendTimeout := flag.Bool("send-timeout", true, "send each call's timeout as x-fraudscore-timeout-ms, as fraudscore_client does")
+	throttleK := flag.Float64("throttle-k", 0, "adaptive client throttling with this K (0 = off), as fraudscore_client")
 	flag.Parse()
 
 	msgs, err := readMessages(*dataPath)
@@ -208,16 +265,31 @@ func main() {
 	var dropped atomic.Int64
 	wrapped := false
 
+	timeoutMs := fmt.Sprintf("%.1f", float64(*timeout)/1e6)
+	var thr *throttle
+	if *throttleK > 0 {
+		thr = &throttle{k: *throttleK, current: time.Now().Unix(), rng: rand.New(rand.NewSource(1))}
+	}
 	start := time.Now()
 	call := func(i int64, sched time.Duration, conn *grpc.ClientConn) sample {
 		idx := (int64(*offset) + i) % int64(len(msgs))
 		req := msgs[idx]
+		if thr != nil && !thr.allow() {
+			now := int64(time.Since(start))
+			return sample{schedNs: int64(sched), sendNs: now, doneNs: now, code: codes.ResourceExhausted, local: true, enumVal: -1}
+		}
 		var resp []byte
 		ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+		if *sendTimeout {
+			ctx = metadata.AppendToOutgoingContext(ctx, "x-fraudscore-timeout-ms", timeoutMs)
+		}
 		send := time.Since(start)
 		err := conn.Invoke(ctx, *method, &req, &resp)
 		done := time.Since(start)
 		cancel()
+		if thr != nil && status.Code(err) != codes.ResourceExhausted {
+			thr.accepted()
+		}
 		s := sample{schedNs: int64(sched), sendNs: int64(send), doneNs: int64(done), code: status.Code(err), enumVal: -1}
 		if err == nil && (*enumField > 0 || *flagField > 0) {
 			s.enumVal, s.flag = scanFields(resp, *enumField, *flagField)
@@ -306,7 +378,11 @@ func main() {
 		if s.schedNs < wu || s.schedNs >= int64(total) {
 			continue
 		}
-		codeCounts[s.code.String()]++
+		if s.local {
+			codeCounts["ThrottledLocally"]++
+		} else {
+			codeCounts[s.code.String()]++
+		}
 		if s.code == codes.OK {
 			ok++
 			lat = append(lat, float64(s.doneNs-s.schedNs)/1e6)

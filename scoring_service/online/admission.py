@@ -18,19 +18,24 @@ Past capacity, calls wait before it, mostly in grpc-core: grpc.aio's server loop
 call per turn or two of the event loop, so when the loop is busy the calls pile up unrequested
 (measured on 2 cores at 1.2x capacity: admitted calls waited ~1 s while ``latency_ms`` said 9 ms,
 and neither the in-flight count nor the loop's lag, under 20 ms, showed it). No arrival time
-reaches Python, so the wait is measured two ways, and past ``max_queue_s`` by either a new call is
-refused with ``RESOURCE_EXHAUSTED`` (reason ``queueing``) before any work, so the admitted calls
-keep their budget. Refusing still costs ~40 % of answering (docs/overload.md): far past capacity
-the excess has to be shed before this process (callers' throttling, a proxy).
+reaches Python, so the wait is measured from the call's deadline, and past ``max_queue_s`` a new
+call is refused with ``RESOURCE_EXHAUSTED`` (reason ``queueing``) before any work, so the admitted
+calls keep their budget. A refusal still costs CPU (docs/overload.md measures it): far past
+capacity the excess has to be shed before this process too (``fraudscore_client``'s adaptive
+throttling, a proxy).
 
-* ``DeadlineWait``, per call with a deadline: gRPC sets the server-side deadline when the call's
-  headers arrive (arrival + the caller's timeout), and callers mostly send the same timeout. Per
+* **The timeout the caller sent** (``x-fraudscore-timeout-ms``, ``TIMEOUT_KEY``; ``fraudscore_client``
+  and the benchmark's generator send it; ``queue_from_deadline`` "auto", the default, or true):
+  gRPC sets the server-side deadline when the call's headers arrive (arrival + the caller's
+  timeout), so the call waited its timeout less its ``time_remaining()`` at the handler. Exact,
+  per call, whatever the other calls on the connection send. Histogram
+  ``fraudscore_queue_wait_seconds``.
+* ``DeadlineWait``, for callers that send no timeout, only with ``queue_from_deadline=true``: per
   caller (method and connection: the peer's address and port), the largest ``time_remaining()``
-  seen at the handler over the last ``window_s`` is that timeout (a call that did not wait); this
-  call's wait is that minus its own ``time_remaining()``. Histogram
-  ``fraudscore_queue_wait_seconds``. Only with ``queue_from_deadline`` (off by default): a caller
-  that sends different timeouts on one connection (deadline propagation, a shared test channel)
-  looks queued when it sends a shorter one, and would be refused.
+  seen at the handler over the last ``window_s`` is taken for its timeout (a call that did not
+  wait); a call's wait is that minus its own ``time_remaining()``. A caller that sends different
+  timeouts on one connection (deadline propagation, a shared test channel) looks queued when it
+  sends a shorter one, and would be refused: so it is not the default.
 * ``LoopLag``: a timer every ``interval_s``; how late it ran (histogram
   ``fraudscore_event_loop_lag_seconds``) is what any ready call waits per step on its way to the
   handler; the bound applies to two late samples in a row, so one pause is not taken for overload.
@@ -46,6 +51,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from fraudscore_client import TIMEOUT_HEADER
 from scoring_service.logging import get_logger
 
 log = get_logger(__name__)
@@ -61,6 +67,7 @@ QUEUE_WAIT = Histogram(
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+TIMEOUT_KEY = TIMEOUT_HEADER  # the caller's timeout of this call, sent with it (one name, the client's)
 
 
 class DeadlineWait:
@@ -111,64 +118,136 @@ class LoopLag:
 
 
 class AdmissionControl(grpc.aio.ServerInterceptor):
-    """Bounds the payments in flight of the guarded methods; see the module docstring."""
+    """Bounds the payments in flight of the guarded methods; see the module docstring.
+
+    The outermost interceptor, and a refusal costs as little as gRPC lets it: the time checks
+    (deadline, queueing) look at the undecoded request, and only an admitted call goes through the
+    other interceptors (keys, telemetry, tracing) and is decoded; a refusal is answered with
+    ``set_code``, not an exception. While the process is shedding (the loop's lag past the bound,
+    or the in-flight bound reached), a new call gets a prebuilt handler that refuses it at once.
+    ``on_refused(method, code)`` callbacks count refusals where the other interceptors would have
+    (``fraudscore_answers_total``, online/telemetry.py)."""
 
     def __init__(self, guarded: set[str], *, max_in_flight: int, min_time_s: float, pushback_ms: int,
-                 max_queue_s: float = 0.0, queue_from_deadline: bool = False, lag: LoopLag | None = None) -> None:
+                 max_queue_s: float = 0.0, queue_from_deadline: bool | str = "auto", lag: LoopLag | None = None,
+                 on_refused: list[Callable[[str, str], None]] | None = None) -> None:
         self.guarded = guarded
         self.max_queue_s = max_queue_s  # 0: no bound on the loop's lag
         self.lag = lag or LoopLag()
-        self.deadline_wait = DeadlineWait() if queue_from_deadline else None
+        # A call's wait before its handler, from its deadline: "auto" and True, by the timeout the
+        # caller sent with it (TIMEOUT_KEY); True, also per connection for callers that send none
+        # (DeadlineWait); False: neither (the loop's lag only).
+        self.queue_from_deadline = queue_from_deadline
+        self.deadline_wait = DeadlineWait() if queue_from_deadline is True else None
         self.max_in_flight = max_in_flight
         self.min_time_s = min_time_s
         self.pushback_ms = pushback_ms
+        self.pushback = ((PUSHBACK_KEY, str(pushback_ms)),)
+        self.on_refused = on_refused if on_refused is not None else []
         self.in_flight = 0
         self._last_log: dict[str, float] = {}  # reason -> when last logged
         self._refused_since_log: dict[str, int] = {}  # reason -> refusals not logged yet
+        self._serializers: dict[str, Any] = {}  # method -> its response serializer (from the chain's handler)
+        self._shed_handlers = {  # (method, reason) -> a handler that refuses at once
+            (method, reason): grpc.unary_unary_rpc_method_handler(self._shedder(method.rsplit("/", 1)[-1], reason))
+            for method in guarded for reason in ("queueing", "overload")
+        }
+
+    def _queueing(self, waited: float) -> str:
+        return (f"overloaded: calls wait {waited * 1000:.0f} ms before being handled (at most "
+                f"{self.max_queue_s * 1000:.0f}); retry after {self.pushback_ms} ms or apply your fallback")
+
+    def _overload(self) -> str:
+        return (f"overloaded: {self.in_flight} payments in flight (at most {self.max_in_flight}); "
+                f"retry after {self.pushback_ms} ms or apply your fallback")
+
+    def _shedding(self) -> str | None:
+        """The reason to refuse any new call at once, judged before its request is decoded."""
+        if self.max_queue_s and self.lag.sustained_s > self.max_queue_s:
+            return "queueing"
+        if self.in_flight >= self.max_in_flight:
+            return "overload"
+        return None
+
+    def _shedder(self, method: str, reason: str) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[None]]:
+        async def shed(_raw: bytes, context: grpc.aio.ServicerContext) -> None:
+            message = self._queueing(self.lag.sustained_s) if reason == "queueing" else self._overload()
+            self._refuse(context, method, reason, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+        return shed
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler_call_details.method not in self.guarded:
-            return handler
-        inner = handler.unary_unary
         method = handler_call_details.method
+        if method not in self.guarded:
+            return await continuation(handler_call_details)
+        reason = self._shedding()
+        if reason is not None:
+            return self._shed_handlers[method, reason]
+        first = None
+        serializer = self._serializers.get(method)
+        if method not in self._serializers:  # the method's first call: learn its response serializer from the chain
+            first = await continuation(handler_call_details)
+            if first is None or first.unary_unary is None:
+                return first
+            self._serializers[method] = serializer = first.response_serializer
+        short = method.rsplit("/", 1)[-1]
 
-        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            items = len(getattr(request, "requests", ())) or 1
+        async def gate(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            """The time checks on the undecoded request; then the other interceptors, the decoding,
+            the in-flight bound (a ScoreBatch counts its items) and the call."""
             remaining = context.time_remaining()
             if remaining is not None and remaining < self.min_time_s:
-                await self._refuse(context, "deadline", grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   f"the call's deadline leaves {remaining * 1000:.1f} ms: too little to score it")
+                return self._refuse(context, short, "deadline", grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"the call's deadline leaves {remaining * 1000:.1f} ms: too little to score it")
             waited = self.lag.sustained_s
-            if remaining is not None and self.deadline_wait is not None:
-                queued = self.deadline_wait.wait(f"{method} {context.peer()}", remaining, time.monotonic())
-                QUEUE_WAIT.observe(queued)
-                waited = max(waited, queued)
+            if remaining is not None and self.queue_from_deadline:
+                queued = self._queued(context, method, remaining)
+                if queued is not None:
+                    QUEUE_WAIT.observe(queued)
+                    waited = max(waited, queued)
             if self.max_queue_s and waited > self.max_queue_s:
-                await self._refuse(context, "queueing", grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"overloaded: calls wait {waited * 1000:.0f} ms before being handled (at most "
-                                   f"{self.max_queue_s * 1000:.0f}); retry after {self.pushback_ms} ms or apply your fallback")
+                return self._refuse(context, short, "queueing", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    self._queueing(waited))
+            handler = first or await continuation(handler_call_details)
+            request = handler.request_deserializer(raw) if handler.request_deserializer is not None else raw
+            items = len(getattr(request, "requests", ())) or 1
             if self.in_flight + items > self.max_in_flight and self.in_flight > 0:
-                await self._refuse(context, "overload", grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"overloaded: {self.in_flight} payments in flight (at most {self.max_in_flight}); "
-                                   f"retry after {self.pushback_ms} ms or apply your fallback")
+                return self._refuse(context, short, "overload", grpc.StatusCode.RESOURCE_EXHAUSTED, self._overload())
             self.in_flight += items
             IN_FLIGHT.set(self.in_flight)
             try:
-                return await inner(request, context)
+                return await handler.unary_unary(request, context)
             finally:
                 self.in_flight -= items
                 IN_FLIGHT.set(self.in_flight)
 
-        return grpc.unary_unary_rpc_method_handler(
-            admitted, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(gate, response_serializer=serializer)
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, reason: str, code: grpc.StatusCode, message: str) -> None:
+    def _queued(self, context: grpc.aio.ServicerContext, method: str, remaining: float) -> float | None:
+        """How long the call waited between its arrival and its handler: its timeout (as its caller
+        sent it) less what is left of it; else, with ``queue_from_deadline=True``, per connection."""
+        for key, value in context.invocation_metadata() or ():
+            if key == TIMEOUT_KEY:
+                try:
+                    sent = float(value) / 1000.0
+                except ValueError:
+                    break
+                if sent >= 0:
+                    return max(0.0, sent - remaining)
+                break
+        if self.deadline_wait is None:
+            return None
+        return self.deadline_wait.wait(f"{method} {context.peer()}", remaining, time.monotonic())
+
+    def _refuse(self, context: grpc.aio.ServicerContext, method: str, reason: str, code: grpc.StatusCode,
+                message: str) -> None:
+        """Answer ``code`` without an exception (gRPC sends no message with a status other than OK)."""
         REJECTED.labels(reason).inc()
+        for observe in self.on_refused:
+            observe(method, code.name)
         now = time.monotonic()
         if now - self._last_log.get(reason, 0.0) >= 1.0:
             self._last_log[reason] = now
@@ -178,5 +257,7 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
         else:
             self._refused_since_log[reason] = self._refused_since_log.get(reason, 0) + 1
         if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            context.set_trailing_metadata(((PUSHBACK_KEY, str(self.pushback_ms)),))
-        await context.abort(code, message)
+            context.set_trailing_metadata(self.pushback)
+        context.set_code(code)
+        context.set_details(message)
+

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
 
 class ScoringMode(StrEnum):
@@ -65,4 +66,4 @@ class ServerOptions:
     min_call_time_ms: float = 2.0  # a call whose deadline leaves less gets DEADLINE_EXCEEDED before any work
     pushback_ms: int = 100  # grpc-retry-pushback-ms sent with RESOURCE_EXHAUSTED
     max_queue_ms: float = 50.0  # wait before the handler past which calls get RESOURCE_EXHAUSTED (admission.py)
-    queue_from_deadline: bool = False  # measure that wait by the callers' deadlines too (admission.py)
+    queue_from_deadline: bool | Literal["auto"] = "auto"  # measure that wait by the callers' deadlines too (admission.py)

@@ -149,6 +149,7 @@ class ScoringServer:
         # online/telemetry.py: interceptors around admission control, background watchers (shadow, canary)
         self.outer_interceptors: list[grpc.aio.ServerInterceptor] = []
         self.inner_interceptors: list[grpc.aio.ServerInterceptor] = []
+        self.refusal_observers: list[Callable[[str, str], None]] = []  # (method, code) of each call admission refused
         self.watchers: list[Callable[[], Coroutine[Any, Any, None]]] = []
 
     async def load_active_model(self) -> bool:
@@ -235,9 +236,11 @@ class ScoringServer:
             {f"/{SERVICE_NAME}/Score", f"/{SERVICE_NAME}/ScoreBatch"}, max_in_flight=self.options.max_in_flight,
             min_time_s=self.options.min_call_time_ms / 1000.0, pushback_ms=self.options.pushback_ms,
             max_queue_s=self.options.max_queue_ms / 1000.0, queue_from_deadline=self.options.queue_from_deadline,
+            on_refused=self.refusal_observers,
         )
         self.server = grpc.aio.server(
-            interceptors=[*self.outer_interceptors, *self.security.interceptors(), admission, *self.inner_interceptors],
+            # admission first: a refused call costs no key check, decoding or telemetry wrapper (online/admission.py)
+            interceptors=[admission, *self.outer_interceptors, *self.security.interceptors(), *self.inner_interceptors],
             options=[
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),

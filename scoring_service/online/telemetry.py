@@ -209,6 +209,7 @@ def instrument(server: ScoringServer, options: ObservabilityOptions) -> None:
     DRIFT.threshold = options.drift_threshold
     guarded = {f"/{SERVICE_NAME}/Score", f"/{SERVICE_NAME}/ScoreBatch"}
     server.outer_interceptors.append(TelemetryInterceptor(guarded))
+    server.refusal_observers.append(lambda method, code: ANSWERS.labels(method, code).inc())
     server.inner_interceptors.append(AdmittedMarker())
     cache = server.cache
     if cache is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fraudscore_client import TIMEOUT_HEADER
 from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
 from tests.servers.scorer import ScorerProcess
 
@@ -62,26 +63,33 @@ def test_past_the_bound_calls_are_shed_with_pushback_and_no_answer_fails_open(sm
         assert scoring_pb2_grpc.FraudScoringStub(ch).Score(_request(10.0), timeout=2).model_version
 
 
-@pytest.fixture(scope="module")
-def queue_bound_scorer(model_data_dir: Path, redis_url: str) -> Iterator[ScorerProcess]:
-    # No in-flight bound to speak of: only the wait before the handler (5 ms) sheds load here.
-    env = {"FRAUDSCORE_MAX_IN_FLIGHT": "100000", "FRAUDSCORE_MAX_QUEUE_MS": "5", "FRAUDSCORE_QUEUE_FROM_DEADLINE": "true"}
+@pytest.fixture(scope="module", params=["sent timeout", "per connection"])
+def queue_bound_scorer(request, model_data_dir: Path, redis_url: str) -> Iterator[tuple[ScorerProcess, tuple]]:
+    """No in-flight bound to speak of: only the wait before the handler (5 ms) sheds load here. Measured
+    by the timeout each call sends (the default, fraudscore_client's x-fraudscore-timeout-ms), or, for
+    callers that send none, per connection (FRAUDSCORE_QUEUE_FROM_DEADLINE=true)."""
+    env = {"FRAUDSCORE_MAX_IN_FLIGHT": "100000", "FRAUDSCORE_MAX_QUEUE_MS": "5"}
+    metadata: tuple = ((TIMEOUT_HEADER, "3000"),)
+    if request.param == "per connection":
+        env["FRAUDSCORE_QUEUE_FROM_DEADLINE"], metadata = "true", ()
     proc = ScorerProcess(model_data_dir, redis_url, env=env).start()
-    yield proc
+    yield proc, metadata
     proc.stop()
 
 
 def test_calls_that_queued_before_the_handler_are_refused_with_pushback_and_logged(queue_bound_scorer):
+    scorer, metadata = queue_bound_scorer
+
     async def flood() -> tuple[Counter, list, list]:
         codes: Counter = Counter()
         details, answers = [], []
-        async with grpc.aio.insecure_channel(queue_bound_scorer.address) as ch:
+        async with grpc.aio.insecure_channel(scorer.address) as ch:
             stub = scoring_pb2_grpc.FraudScoringStub(ch)
-            await stub.Score(_request(10.0), timeout=3)  # the caller's deadline as seen unqueued
+            await stub.Score(_request(10.0), timeout=3, metadata=metadata)  # the caller's deadline as seen unqueued
 
             async def one(i: int) -> None:
                 try:
-                    answers.append(await stub.Score(_request(50.0 + i % 100), timeout=3))
+                    answers.append(await stub.Score(_request(50.0 + i % 100), timeout=3, metadata=metadata))
                     codes["OK"] += 1
                 except grpc.aio.AioRpcError as exc:
                     codes[exc.code().name] += 1
@@ -97,9 +105,18 @@ def test_calls_that_queued_before_the_handler_are_refused_with_pushback_and_logg
     # grpc took them all in before the first handler ran: every one had queued, every one refused)
     assert codes["RESOURCE_EXHAUSTED"] > 0
     assert all("before being handled" in d and pushback == "100" for d, pushback in details)
-    with grpc.insecure_channel(queue_bound_scorer.address) as ch:  # the queue gone, a call is answered again
-        assert scoring_pb2_grpc.FraudScoringStub(ch).Score(_request(10.0), timeout=3).model_version
+    with grpc.insecure_channel(scorer.address) as ch:  # the queue gone, a call is answered again
+        assert scoring_pb2_grpc.FraudScoringStub(ch).Score(_request(10.0), timeout=3, metadata=metadata).model_version
     assert all(a.decision != scoring_pb2.APPROVE for a in answers if a.source == scoring_pb2.FALLBACK)
-    refused = queue_bound_scorer.log_events("admission.refused")
+    refused = scorer.log_events("admission.refused")
     assert refused and {e["reason"] for e in refused} == {"queueing"}
     assert sum(e["refused"] for e in refused) <= codes["RESOURCE_EXHAUSTED"]  # at most a line a second, with a count
+
+
+def test_by_default_one_connection_s_different_timeouts_are_not_taken_for_queueing(small_scorer):
+    # The default measures a call's wait only by the timeout it sends: a caller that sends none, with
+    # a 10 s timeout then a 0.5 s one on one connection (deadline propagation), is never refused for it.
+    with grpc.insecure_channel(small_scorer.address) as ch:
+        stub = scoring_pb2_grpc.FraudScoringStub(ch)
+        for timeout in (10.0, 0.5, 10.0, 0.3):
+            assert stub.Score(_request(10.0), timeout=timeout).model_version

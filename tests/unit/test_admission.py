@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ from scoring_service.online.admission import (
     PUSHBACK_KEY,
     QUEUE_WAIT,
     REJECTED,
+    TIMEOUT_KEY,
     AdmissionControl,
     DeadlineWait,
     LoopLag,
@@ -22,16 +24,15 @@ from scoring_service.online.admission import (
 SCORE = "/fraudscore.v1.FraudScoring/Score"
 
 
-class Aborted(Exception):
-    pass
-
-
 class FakeContext:
-    def __init__(self, remaining: float | None = 1.0, peer: str = "ipv4:10.0.0.1:50000") -> None:
+    def __init__(self, remaining: float | None = 1.0, peer: str = "ipv4:10.0.0.1:50000",
+                 metadata: tuple = ()) -> None:
         self.remaining = remaining
+        self.metadata = metadata
         self._peer = peer
         self.trailing: tuple = ()
         self.code: grpc.StatusCode | None = None
+        self.details = ""
 
     def time_remaining(self) -> float | None:
         return self.remaining
@@ -39,12 +40,23 @@ class FakeContext:
     def peer(self) -> str:
         return self._peer
 
+    def invocation_metadata(self) -> tuple:
+        return self.metadata
+
     def set_trailing_metadata(self, md: tuple) -> None:
         self.trailing = md
 
-    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+    def set_code(self, code: grpc.StatusCode) -> None:
         self.code = code
-        raise Aborted(message)
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+
+async def refused_with(handler, request, context: FakeContext, match: str) -> None:
+    """The call was answered with a status and no message, and its details say why."""
+    assert await handler.unary_unary(request, context) is None
+    assert context.code is not None and re.search(match, context.details), context.details
 
 
 def test_past_the_bound_calls_are_refused_at_once_with_pushback_and_counted():
@@ -65,8 +77,7 @@ def test_past_the_bound_calls_are_refused_at_once_with_pushback_and_counted():
         await asyncio.sleep(0)
         assert admission.in_flight == 3
         refused = FakeContext()
-        with pytest.raises(Aborted, match="overloaded"):
-            await handler.unary_unary(SimpleNamespace(), refused)
+        await refused_with(handler, SimpleNamespace(), refused, "overloaded")
         assert refused.code is grpc.StatusCode.RESOURCE_EXHAUSTED and refused.trailing == ((PUSHBACK_KEY, "100"),)
         assert REJECTED.labels("overload")._value.get() == before + 1
         release.set()
@@ -93,8 +104,7 @@ def test_a_batch_counts_its_payments_and_a_lone_big_batch_is_still_admitted():
         big = asyncio.create_task(handler.unary_unary(SimpleNamespace(requests=[1] * 25), FakeContext()))
         await asyncio.sleep(0)
         assert admission.in_flight == 25  # alone: admitted (the servicer bounds a batch's size)
-        with pytest.raises(Aborted):
-            await handler.unary_unary(SimpleNamespace(requests=[1]), FakeContext())
+        await refused_with(handler, SimpleNamespace(requests=[1]), FakeContext(), "overloaded")
         release.set()
         assert await big == 25 and admission.in_flight == 0
 
@@ -115,8 +125,7 @@ def test_a_call_without_time_left_is_refused_before_any_work_and_others_pass_thr
 
         handler = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
         late = FakeContext(remaining=0.001)
-        with pytest.raises(Aborted, match="deadline"):
-            await handler.unary_unary(SimpleNamespace(), late)
+        await refused_with(handler, SimpleNamespace(), late, "deadline")
         assert late.code is grpc.StatusCode.DEADLINE_EXCEEDED and calls == []
         assert await handler.unary_unary(SimpleNamespace(), FakeContext(remaining=None)) == "answer"
         other = await admission.intercept_service(continuation, SimpleNamespace(method="/grpc.health.v1.Health/Check"))
@@ -146,8 +155,7 @@ def test_while_the_loop_runs_late_new_calls_are_refused_before_any_work_but_not_
         before = REJECTED.labels("queueing")._value.get()
         lag.record(0.050)  # late twice in a row: calls wait ~50 ms before the handler
         refused = FakeContext()
-        with pytest.raises(Aborted, match="wait 50 ms"):
-            await handler.unary_unary(SimpleNamespace(), refused)
+        await refused_with(handler, SimpleNamespace(), refused, "wait 50 ms")
         assert refused.code is grpc.StatusCode.RESOURCE_EXHAUSTED and refused.trailing == ((PUSHBACK_KEY, "40"),)
         assert REJECTED.labels("queueing")._value.get() == before + 1 and len(calls) == 1
         lag.record(0.002)  # caught up: admitted again
@@ -200,8 +208,7 @@ def test_a_call_that_waited_before_its_handler_is_refused_measured_by_its_caller
         assert await handler.unary_unary(SimpleNamespace(), FakeContext(0.990, "ipv4:10.0.0.1:1")) == "answer"
         # ... this one waited ~100 ms before it (same connection): refused, no work done.
         late = FakeContext(0.900, "ipv4:10.0.0.1:1")
-        with pytest.raises(Aborted, match="wait 99 ms"):
-            await handler.unary_unary(SimpleNamespace(), late)
+        await refused_with(handler, SimpleNamespace(), late, "wait 99 ms")
         assert late.code is grpc.StatusCode.RESOURCE_EXHAUSTED and len(calls) == 2
         # Another connection's shorter deadline is its own: not taken for a wait.
         assert await handler.unary_unary(SimpleNamespace(), FakeContext(0.150, "ipv4:10.0.0.1:2")) == "answer"
@@ -232,5 +239,113 @@ def test_without_queue_from_deadline_a_shorter_deadline_is_never_taken_for_a_wai
         handler = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
         for remaining in (5.0, 0.5, 0.05):  # one channel, three callers' timeouts (a shared test channel)
             assert await handler.unary_unary(SimpleNamespace(), FakeContext(remaining)) == "answer"
+
+    asyncio.run(main())
+
+
+def test_while_shedding_a_new_call_is_refused_before_decoding_or_any_other_interceptor_and_counted():
+    async def main():
+        lag = LoopLag()
+        refusals: list[tuple[str, str]] = []
+        admission = AdmissionControl({SCORE}, max_in_flight=1, min_time_s=0.0, pushback_ms=40, max_queue_s=0.020,
+                                     lag=lag, on_refused=[lambda method, code: refusals.append((method, code))])
+        continued = []
+        release = asyncio.Event()
+
+        async def behaviour(request, context):
+            await release.wait()
+            return "answer"
+
+        async def continuation(details):
+            continued.append(details.method)
+            return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=bytes.decode)
+
+        handler = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        first = asyncio.create_task(handler.unary_unary(b"req", FakeContext()))
+        await asyncio.sleep(0)
+        assert admission.in_flight == 1 and continued == [SCORE]
+        # the in-flight bound is reached: the next call's handler is the prebuilt refusal, no decoder
+        shed = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        assert continued == [SCORE] and shed.request_deserializer is None
+        refused = FakeContext()
+        await refused_with(shed, b"\xff not a request", refused, "1 payments in flight")
+        assert refused.code is grpc.StatusCode.RESOURCE_EXHAUSTED and refused.trailing == ((PUSHBACK_KEY, "40"),)
+        release.set()
+        assert await first == "answer"
+        lag.record(0.030)
+        lag.record(0.030)  # the loop runs late: shed by the queueing bound
+        before = REJECTED.labels("queueing")._value.get()
+        shed = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        await refused_with(shed, b"", FakeContext(), "wait 30 ms")
+        assert REJECTED.labels("queueing")._value.get() == before + 1
+        assert refusals == [("Score", "RESOURCE_EXHAUSTED")] * 2 and continued == [SCORE]
+        lag.record(0.001)
+        lag.record(0.001)
+        assert (await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))) is not shed
+
+    asyncio.run(main())
+
+
+def test_by_default_a_call_s_wait_is_its_sent_timeout_less_what_is_left_whatever_its_connection_sends():
+    async def main():
+        admission = AdmissionControl({SCORE}, max_in_flight=100, min_time_s=0.0, pushback_ms=40, max_queue_s=0.050)
+        calls = []
+
+        async def behaviour(request, context):
+            calls.append(request)
+            return "answer"
+
+        async def continuation(_details):
+            return grpc.unary_unary_rpc_method_handler(behaviour)
+
+        def sent(ms: str) -> tuple:
+            return (("user-agent", "x"), (TIMEOUT_KEY, ms))
+
+        handler = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        observed = sum(s.value for s in QUEUE_WAIT.collect()[0].samples if s.name.endswith("_count"))
+        # one connection, three timeouts, none waited: all pass (the per-connection guess would refuse two)
+        for remaining, ms in ((9.999, "10000"), (1.999, "2000"), (0.0995, "100")):
+            assert await handler.unary_unary(SimpleNamespace(), FakeContext(remaining, metadata=sent(ms))) == "answer"
+        late = FakeContext(0.930, metadata=sent("1000"))  # a 1 s call with 930 ms left waited 70 ms
+        await refused_with(handler, SimpleNamespace(), late, "wait 70 ms")
+        assert late.code is grpc.StatusCode.RESOURCE_EXHAUSTED and len(calls) == 3
+        # a malformed or negative value, or none: not measured (the loop's lag still is)
+        for md in (sent("soon"), sent("-5"), ()):
+            assert await handler.unary_unary(SimpleNamespace(), FakeContext(0.5, metadata=md)) == "answer"
+        assert sum(s.value for s in QUEUE_WAIT.collect()[0].samples if s.name.endswith("_count")) == observed + 4
+        off = AdmissionControl({SCORE}, max_in_flight=100, min_time_s=0.0, pushback_ms=40, max_queue_s=0.050,
+                               queue_from_deadline=False)
+        handler = await off.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        assert await handler.unary_unary(SimpleNamespace(), FakeContext(0.930, metadata=sent("1000"))) == "answer"
+
+    asyncio.run(main())
+
+
+def test_a_call_refused_for_time_is_never_decoded_nor_seen_by_the_other_interceptors():
+    async def main():
+        admission = AdmissionControl({SCORE}, max_in_flight=10, min_time_s=0.005, pushback_ms=50)
+        continued, decoded = [], []
+
+        async def behaviour(request, context):
+            return request
+
+        def decode(raw: bytes) -> str:
+            decoded.append(raw)
+            return raw.decode()
+
+        async def continuation(details):
+            continued.append(details.method)
+            return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=decode)
+
+        first = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        assert await first.unary_unary(b"one", FakeContext()) == "one" and continued == [SCORE]
+        gate = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        assert continued == [SCORE]  # the chain runs only once the call is admitted
+        late = FakeContext(remaining=0.001)
+        await refused_with(gate, b"two", late, "deadline")
+        assert late.code is grpc.StatusCode.DEADLINE_EXCEEDED and continued == [SCORE] and decoded == [b"one"]
+        gate = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        assert await gate.unary_unary(b"three", FakeContext()) == "three"
+        assert continued == [SCORE, SCORE] and decoded == [b"one", b"three"]
 
     asyncio.run(main())

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from fraudscore_client import (
+    TIMEOUT_HEADER,
     AsyncFraudScoreClient,
     FraudScoreClient,
     RetryPolicy,
@@ -80,7 +81,8 @@ def fake(fake_server: tuple[FakeScoring, str]) -> Iterator[FakeScoring]:
 
 @pytest.fixture()
 def client(fake_server: tuple[FakeScoring, str]) -> Iterator[FraudScoreClient]:
-    with FraudScoreClient(fake_server[1], timeout_s=2.0, retries=3, rng=random.Random(1)) as c:
+    # the retry rule alone: adaptive throttling (random by design) is tested in test_client_throttle.py
+    with FraudScoreClient(fake_server[1], timeout_s=2.0, retries=3, rng=random.Random(1), throttle=None) as c:
         yield c
 
 
@@ -212,3 +214,12 @@ def test_the_client_package_is_a_leaf_that_needs_only_the_stubs() -> None:
             wrong += [f"{path.name}: {n}" for n in names if n.startswith("scoring_service") and n != "scoring_service.protos"]
     assert not wrong, wrong
     assert (Path(fraudscore_client.__file__).parent / "py.typed").exists()
+
+
+def test_each_attempt_sends_its_own_timeout_so_the_service_can_measure_its_wait(
+        fake: FakeScoring, fake_server: tuple[FakeScoring, str]) -> None:
+    fake.script[:] = [(grpc.StatusCode.UNAVAILABLE, None)]
+    with FraudScoreClient(fake_server[1], timeout_s=1.5, retries=2, throttle=None) as c:
+        c.score("c1", "t1", 1.0)
+    sent = [float(m[TIMEOUT_HEADER]) for _, _, m in fake.seen]
+    assert len(sent) == 2 and 1400 < sent[0] <= 1500.0 and sent[1] < sent[0]  # the retry has what is left

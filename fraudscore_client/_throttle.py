@@ -1,0 +1,109 @@
+"""Adaptive throttling: when the service refuses calls for overload, refuse some locally first.
+
+The service sheds load with ``RESOURCE_EXHAUSTED`` before any work, but a refusal still costs it
+CPU (a gRPC call in Python: docs/overload.md measures it). Past about twice its capacity the
+refusals alone eat the capacity, and the service answers nobody. The cure is the one in Google's
+SRE book ("Handling Overload", client-side throttling): each client keeps, over the last
+``window_s``, the calls it attempted (``requests``) and those the service accepted (``accepts``:
+any answer but an overload refusal), and refuses a new call itself, without sending it, with
+probability
+
+    max(0, (requests - k * accepts) / (requests + PADDING))
+
+(the book adds 1 to the divisor; gRPC's own throttler for its lookaside balancer adds 8, so that a
+client that sent little does not refuse half its calls after one refusal: so do we). So a client
+sends at most about ``k`` times what the service accepts; while the service accepts everything,
+nothing is refused locally. ``k = 2`` (the book's default) sends twice what is
+accepted and recovers fast when capacity returns; a smaller ``k`` wastes less of the service on
+refusals and recovers more slowly. A locally refused call raises ``ScoringError`` with
+``RESOURCE_EXHAUSTED`` at once, so the caller applies its fallback as for a server refusal.
+
+One definition: the benchmark's load generator (``bench/loadgen/main.go``, ``-throttle-k``)
+implements this same rule to measure what clients that use it get (``bench/overload.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from fraudscore_client._errors import ScoringError
+
+BUCKET_S = 1.0
+DEFAULT_K = 2.0
+PADDING = 8
+
+
+class AdaptiveThrottle:
+    """Counts per ``BUCKET_S`` second over the last ``window_s``; thread-safe (the sync client's
+    callers may share it across threads)."""
+
+    def __init__(self, k: float = DEFAULT_K, window_s: float = 10.0, *, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        if not k >= 1.0:
+            raise ValueError(f"throttle k: must be >= 1, got {k}")
+        if not window_s >= BUCKET_S:
+            raise ValueError(f"throttle window_s: must be >= {BUCKET_S}, got {window_s}")
+        self.k = k
+        self.buckets = math.ceil(window_s / BUCKET_S)
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._requests = [0] * self.buckets
+        self._accepts = [0] * self.buckets
+        self._current = math.floor(clock() / BUCKET_S)
+        self._lock = threading.Lock()
+
+    def _advance(self) -> int:
+        now = math.floor(self._clock() / BUCKET_S)
+        if now != self._current:
+            for step in range(min(now - self._current, self.buckets)):
+                slot = (self._current + 1 + step) % self.buckets
+                self._requests[slot] = self._accepts[slot] = 0
+            self._current = now
+        return now % self.buckets
+
+    def reject_probability(self) -> float:
+        with self._lock:
+            self._advance()
+            requests, accepts = sum(self._requests), sum(self._accepts)
+        return max(0.0, (requests - self.k * accepts) / (requests + PADDING))
+
+    def allow(self) -> bool:
+        """Whether to send the next call; counts it as a request either way."""
+        p = self.reject_probability()
+        with self._lock:
+            self._requests[self._advance()] += 1
+        return not (p > 0 and self._rng.random() < p)
+
+    def accepted(self) -> None:
+        """The service took the call (any answer but an overload refusal)."""
+        with self._lock:
+            self._accepts[self._advance()] += 1
+
+
+def throttle_of(value: AdaptiveThrottle | float | None) -> AdaptiveThrottle | None:
+    """A client's ``throttle`` argument: a throttle (shared), its ``k``, or None (off)."""
+    if value is None or isinstance(value, AdaptiveThrottle):
+        return value
+    return AdaptiveThrottle(k=float(value))
+
+
+def before_attempt(throttle: AdaptiveThrottle | None, attempt: int) -> None:
+    """Raise ``RESOURCE_EXHAUSTED`` without sending when the throttle refuses attempt ``attempt``."""
+    if throttle is not None and not throttle.allow():
+        raise ScoringError(grpc.StatusCode.RESOURCE_EXHAUSTED, "not sent: the service has been refusing calls for "
+                           "overload, so this client refuses some itself (adaptive throttling)", attempts=attempt - 1)
+
+
+def after_attempt(throttle: AdaptiveThrottle | None, code: grpc.StatusCode | None) -> None:
+    """Count an attempt's outcome: ``code`` None for an answer, else the status of its failure."""
+    if throttle is not None and code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        throttle.accepted()
+
+
+__all__ = ["DEFAULT_K", "AdaptiveThrottle", "after_attempt", "before_attempt", "throttle_of"]

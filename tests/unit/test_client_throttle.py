@@ -1,0 +1,87 @@
+"""The client's adaptive throttling: a fake clock for the rule, the fake service for the client."""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+import pytest
+
+from fraudscore_client import AdaptiveThrottle, FraudScoreClient, ScoringError
+from fraudscore_client._throttle import PADDING
+from tests.unit.test_client_retries import FakeScoring, fake, fake_server  # noqa: F401 - the fixtures
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_while_the_service_accepts_everything_nothing_is_refused_locally():
+    throttle = AdaptiveThrottle(k=2.0, clock=Clock(), rng=random.Random(1))
+    for _ in range(10_000):
+        assert throttle.allow()
+        throttle.accepted()
+    assert throttle.reject_probability() == 0.0
+
+
+def test_a_client_sends_about_k_times_what_an_overloaded_service_accepts():
+    clock = Clock()
+    for k in (1.1, 2.0):
+        throttle = AdaptiveThrottle(k=k, window_s=10, clock=clock, rng=random.Random(7))
+        sent = accepted = 0
+        taken: dict[int, int] = {}
+        for _ in range(30_000):  # 1,000 calls a second for 30 s; the service takes at most 100 a second
+            clock.now += 0.001
+            if throttle.allow():
+                sent += 1
+                second = int(clock.now)
+                if taken.get(second, 0) < 100:
+                    taken[second] = taken.get(second, 0) + 1
+                    accepted += 1
+                    throttle.accepted()
+        assert accepted > 2_500  # the service still works at capacity
+        # without the throttle all 30,000 are sent; with it, about k times the accepted
+        assert sent < k * accepted * 1.15 + 100, (k, sent, accepted)
+
+
+def test_one_refusal_does_not_make_a_quiet_client_refuse_half_its_calls_and_the_window_forgets():
+    clock = Clock()
+    throttle = AdaptiveThrottle(k=2.0, window_s=10, clock=clock)
+    assert throttle.allow()  # sent, refused by the service (no accepted())
+    assert throttle.reject_probability() == pytest.approx(1 / (1 + PADDING))
+    for _ in range(50):
+        throttle.allow()
+    assert throttle.reject_probability() > 0.8
+    clock.now += 10.5  # the window slid past every count
+    assert throttle.reject_probability() == 0.0
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="k: must be >= 1"):
+        AdaptiveThrottle(k=0.5)
+    with pytest.raises(ValueError, match="window_s"):
+        AdaptiveThrottle(window_s=0.1)
+
+
+def test_the_client_stops_sending_what_the_service_keeps_refusing(fake: FakeScoring,  # noqa: F811
+                                                                  fake_server: tuple[FakeScoring, str]) -> None:  # noqa: F811
+    fake.script[:] = [(grpc.StatusCode.RESOURCE_EXHAUSTED, None)] * 200  # overloaded, no pushback: final each time
+    codes, local = [], 0
+    throttle = AdaptiveThrottle(k=2.0, rng=random.Random(3))
+    with FraudScoreClient(fake_server[1], timeout_s=2.0, retries=0, throttle=throttle) as c:
+        for _ in range(100):
+            with pytest.raises(ScoringError) as exc:
+                c.score("c1", "t1", 10.0)
+            codes.append(exc.value.code)
+            local += exc.value.attempts == 0 and "not sent" in exc.value.details
+    assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # the caller's fallback sees one code either way
+    assert len(fake.seen) + local == 100 and local > 50  # most were never sent
+    fake.script.clear()  # the service recovers: answers are accepted and the client sends again
+    with FraudScoreClient(fake_server[1], timeout_s=2.0, retries=0, throttle=None) as c:
+        assert c.score("c1", "t1", 10.0).decision == "APPROVE"
+    with FraudScoreClient(fake_server[1], timeout_s=2.0, throttle=2.0) as c:
+        assert c.throttle is not None and c.throttle.k == 2.0
