@@ -30,14 +30,14 @@ import asyncio
 import math
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from scoring_service.adapters.model.gbdt import GbdtModel
-from scoring_service.adapters.redis.entity_cache import CUSTOMER, CacheEntry, CacheUnavailable, EntityCache
+from scoring_service.adapters.redis.entity_cache import CUSTOMER, CacheEntry, CacheRead, CacheUnavailable, EntityCache
 from scoring_service.adapters.sql.registry import ModelRecord
 from scoring_service.core import entity_scoring, features
 from scoring_service.core.cache_layout import BATCH, ONLINE
@@ -166,23 +166,41 @@ class Scorer:
         self.observers: list[Callable[[Payment, Known, ScoreResult], None]] = []
         self.on_model_row: Callable[[str, np.ndarray, float], None] | None = None
 
-    async def score(self, payment: Payment, deadline: float) -> ScoreResult:
-        """Score one payment; ``deadline`` is a ``time.monotonic()`` instant."""
+    async def score(self, payment: Payment, deadline: float, known: tuple[Known, bool] | None = None) -> ScoreResult:
+        """Score one payment; ``deadline`` is a ``time.monotonic()`` instant; ``known``: what
+        ``read_many`` read for it (a ScoreBatch), else the cache is read here."""
         serving = self.serving
         if serving is None:
             raise NoModelLoaded("no model loaded yet")
         canary = self.canary if self.canary is not None and in_canary(payment.customer_id, self.canary_share) else None
-        known, degraded = await self._read(serving.version, payment, deadline)
+        known_, degraded = known if known is not None else await self._read(serving.version, payment, deadline)
         if self.cache is not None and self.intraday:
             self.cache.record_payment(payment.customer_id, payment.timestamp, payment.amount, payment.transaction_id,
-                                      trim=known.trim_intraday)
-        if canary is None and known.from_batch and self.mode is ScoringMode.CACHE_FIRST:
-            result = self._from_cache(serving, payment, known, degraded)
+                                      trim=known_.trim_intraday)
+        if canary is None and known_.from_batch and self.mode is ScoringMode.CACHE_FIRST:
+            result = self._from_cache(serving, payment, known_, degraded)
         else:  # a canary card is always scored by the canary model (the cache holds the active version's risks)
-            result = await self._from_model(canary or serving, payment, known, deadline, degraded)
+            result = await self._from_model(canary or serving, payment, known_, deadline, degraded)
         for observe in self.observers:
-            observe(payment, known, result)
+            observe(payment, known_, result)
         return result
+
+    async def read_many(self, payments: Sequence[Payment], deadline: float) -> list[tuple[Known, bool]]:
+        """What the cache knows of each payment (as ``score`` reads it), in one round trip for all."""
+        serving = self.serving
+        if serving is None:
+            raise NoModelLoaded("no model loaded yet")
+        if self.cache is None:
+            return [(Known(None, None, None, None), True)] * len(payments)
+        try:
+            with tracing.span("cache.read"):
+                reads = await self.cache.read_many(
+                    serving.version, [(p.customer_id, p.terminal_id) for p in payments],
+                    max(deadline - time.monotonic() - _ANSWER_MARGIN_S, 0.0), intraday=self.intraday)
+        except CacheUnavailable as exc:
+            self._count_unavailable(exc, len(payments))
+            return [(Known(None, None, None, None), True)] * len(payments)
+        return [self._known(serving.version, p, read) for p, read in zip(payments, reads, strict=True)]
 
     async def _read(self, version: str, payment: Payment, deadline: float) -> tuple[Known, bool]:
         """What the cache knows of the payment's card and terminal (one round trip), merged with
@@ -195,9 +213,16 @@ class Scorer:
                 read = await self.cache.read(version, payment.customer_id, payment.terminal_id, max(remaining, 0.0),
                                              intraday=self.intraday)
         except CacheUnavailable as exc:
-            telemetry.CACHE_LOOKUPS.labels("error").inc()
-            telemetry.REDIS_ERRORS.labels("breaker_open" if "breaker" in str(exc) else "error").inc()
+            self._count_unavailable(exc, 1)
             return Known(None, None, None, None), True
+        return self._known(version, payment, read)
+
+    @staticmethod
+    def _count_unavailable(exc: CacheUnavailable, lookups: int) -> None:
+        telemetry.CACHE_LOOKUPS.labels("error").inc(lookups)
+        telemetry.REDIS_ERRORS.labels("breaker_open" if "breaker" in str(exc) else "error").inc()
+
+    def _known(self, version: str, payment: Payment, read: CacheRead) -> tuple[Known, bool]:
         customer = read.customer
         telemetry.CACHE_LOOKUPS.labels("miss" if customer is None else "hit").inc()
         from_batch = customer is not None and customer.origin == BATCH

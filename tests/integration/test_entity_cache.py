@@ -120,3 +120,33 @@ def test_the_list_is_trimmed_only_when_the_read_saw_something_to_trim(redis_url:
         return kept
 
     assert asyncio.run(run()) == ["old", "new", "new", "newer"]
+
+
+def test_read_many_reads_every_payment_in_one_round_trip_as_read_does_one(redis_url: str) -> None:
+    async def run() -> tuple[list[CacheRead], list[CacheRead], int]:
+        cache = _cache(redis_url)
+        cache.write_back(VERSION, [(CUSTOMER, f"rm-c{i}", _entry(i / 10)) for i in range(0, 6, 2)]
+                         + [(TERMINAL, "rm-t1", _entry(0.77))])
+        cache.record_payment("rm-c1", time.time() - 3, 5.0, "rm-tx-1")
+        await cache.drain()
+        pairs = [(f"rm-c{i}", "rm-t1" if i % 3 == 0 else "rm-t-none") for i in range(6)]
+        calls = []
+        execute_many = cache._client.execute_many
+
+        async def counted(commands, timeout_s=None):
+            calls.append(len(commands))
+            return await execute_many(commands, timeout_s)
+
+        cache._client.execute_many = counted  # type: ignore[method-assign]
+        many = await cache.read_many(VERSION, pairs, 0.5)
+        one_by_one = [await cache.read(VERSION, c, t, 0.5) for c, t in pairs]
+        sent = len(calls)
+        await cache.close()
+        return many, one_by_one, sent
+
+    many, one_by_one, round_trips = asyncio.run(run())
+    assert round_trips == 1 + 6  # read_many: one pipeline for the six; read: one each
+    assert many == one_by_one  # the same reads, in the order asked
+    assert [round(r.customer.risk_score, 1) if r.customer else None for r in many] == [0.0, None, 0.2, None, 0.4, None]
+    assert [r.terminal.risk_score if r.terminal else None for r in many] == [0.77, None, None, 0.77, None, None]
+    assert [p.transaction_id for p in many[1].intraday] == ["rm-tx-1"]

@@ -239,3 +239,24 @@ def test_rate_limit_buckets_live_on_the_cluster_node_that_owns_them(cluster: Red
     assert shared == {True}
     assert all(row == [True] * 4 + [False] * 2 for row in allowed), allowed
     assert len(owners) >= 2
+
+
+def test_read_many_across_nodes_gives_what_read_gives_for_each(cluster: RedisCluster) -> None:
+    version = "cl-read-many"
+    customer, terminal = _on_other_nodes(cluster, version, ONLINE_GENERATION, "many")
+
+    async def run() -> tuple[list, list]:
+        cache = _cache(cluster.url)
+        cache.write_back(version, [(CUSTOMER, customer, _entry(0.41, version)), (TERMINAL, terminal, _entry(0.52, version))])
+        cache.record_payment(customer, time.time(), 3.0, "tx-m")
+        await cache.drain()
+        pairs = [(customer, terminal), ("nobody", terminal), (customer, "no-terminal")]
+        many = await cache.read_many(version, pairs, 1.0)
+        one_by_one = [await cache.read(version, c, t, 1.0) for c, t in pairs]
+        await cache.close()
+        return many, one_by_one
+
+    many, one_by_one = asyncio.run(run())
+    assert many == one_by_one
+    assert [(r.customer is not None, r.terminal is not None) for r in many] == [(True, True), (False, True), (True, False)]
+    assert [p.transaction_id for p in many[0].intraday] == ["tx-m"]
