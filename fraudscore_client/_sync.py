@@ -41,7 +41,7 @@ class FraudScoreClient:
     only failures where the service did not run the call are retried (see ``_retry``).
     ``throttle``: adaptive throttling (``_throttle``): while the service refuses calls for overload,
     the client refuses some itself without sending them, so the refusals do not eat the service's
-    capacity; a float is its ``k`` (2 by default), an :class:`AdaptiveThrottle` may be shared by
+    capacity; a float is its ``k`` (1.1 by default), an :class:`AdaptiveThrottle` may be shared by
     several clients, None turns it off.
     TLS: ``tls_ca`` (PEM path) verifies the server; ``tls_cert`` + ``tls_key`` add a client
     certificate (mTLS). ``api_key`` goes as the ``x-api-key`` metadata of every call.

@@ -203,7 +203,8 @@ def server_options(settings: Settings) -> ServerOptions:
                          metrics_port=settings.metrics_port, drain_s=settings.drain_s,
                          stop_grace_s=settings.budget_ms / 1000.0 + 2.0, max_in_flight=settings.max_in_flight,
                          min_call_time_ms=settings.min_call_time_ms, pushback_ms=int(settings.budget_ms),
-                         max_queue_ms=settings.max_queue_ms, queue_from_deadline=settings.queue_from_deadline)
+                         max_queue_ms=settings.max_queue_ms, queue_from_deadline=settings.queue_from_deadline,
+                         max_pending_calls=settings.max_pending_calls)
 
 
 def scoring_server(settings: Settings, redis_url: str | None) -> ScoringServer:

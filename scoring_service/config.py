@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         "true: also, for callers that send none, against the longest deadline their connection sent lately (a "
         "connection mixing timeouts sees its shorter ones refused as queued). false: the event loop's lag only.",
     )
+    max_pending_calls: int = Field(
+        0, ge=0, description="Calls waiting in grpc-core for this process to take them, past which grpc-core refuses "
+        "new ones itself, at almost no cost (gRPC's grpc.server.max_pending_requests; docs/overload.md). 0: gRPC's "
+        "default (1,000).",
+    )
     fallback_min_decision: Literal["APPROVE", "REVIEW", "DECLINE"] = Field(
         "REVIEW", description="The weakest decision of a FALLBACK answer (the model was skipped: overload, timeout). "
         "REVIEW fails closed: an overloaded service never silently approves; APPROVE fails open.",

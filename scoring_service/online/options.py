@@ -67,3 +67,4 @@ class ServerOptions:
     pushback_ms: int = 100  # grpc-retry-pushback-ms sent with RESOURCE_EXHAUSTED
     max_queue_ms: float = 50.0  # wait before the handler past which calls get RESOURCE_EXHAUSTED (admission.py)
     queue_from_deadline: bool | Literal["auto"] = "auto"  # measure that wait by the callers' deadlines too (admission.py)
+    max_pending_calls: int = 0  # calls waiting in grpc-core past which it refuses new ones itself (0: gRPC's default)

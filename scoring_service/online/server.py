@@ -231,6 +231,11 @@ class ScoringServer:
             if serving is not None and self.cache is not None:
                 await self.cache.refresh_generation(serving.version)
 
+    def _pending_options(self) -> list[tuple[str, int]]:
+        """grpc-core's own bound on the calls waiting for this process (docs/overload.md)."""
+        n = self.options.max_pending_calls
+        return [("grpc.server.max_pending_requests", n), ("grpc.server.max_pending_requests_hard_limit", n)] if n else []
+
     async def start(self) -> int:
         admission = AdmissionControl(
             {f"/{SERVICE_NAME}/Score", f"/{SERVICE_NAME}/ScoreBatch"}, max_in_flight=self.options.max_in_flight,
@@ -245,6 +250,7 @@ class ScoringServer:
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", 16 * 1024 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1),
+                *self._pending_options(),
             ],
         )
         add_to_server(self._answers, self.server)
