@@ -53,6 +53,21 @@ class FakeContext:
         self.details = details
 
 
+async def recording_handler(admission: AdmissionControl) -> tuple[grpc.RpcMethodHandler, list]:
+    """The guarded method's handler from ``admission`` over a servicer that keeps each request it
+    is given and answers "answer"."""
+    calls: list = []
+
+    async def behaviour(request, context):
+        calls.append(request)
+        return "answer"
+
+    async def continuation(_details):
+        return grpc.unary_unary_rpc_method_handler(behaviour)
+
+    return await admission.intercept_service(continuation, SimpleNamespace(method=SCORE)), calls
+
+
 async def refused_with(handler, request, context: FakeContext, match: str) -> None:
     """The call was answered with a status and no message, and its details say why."""
     assert await handler.unary_unary(request, context) is None
@@ -139,16 +154,8 @@ def test_while_the_loop_runs_late_new_calls_are_refused_before_any_work_but_not_
         lag = LoopLag()
         admission = AdmissionControl({SCORE}, max_in_flight=100, min_time_s=0.0, pushback_ms=40, max_queue_s=0.020,
                                      lag=lag)
-        calls = []
 
-        async def behaviour(request, context):
-            calls.append(request)
-            return "answer"
-
-        async def continuation(_details):
-            return grpc.unary_unary_rpc_method_handler(behaviour)
-
-        handler = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        handler, calls = await recording_handler(admission)
         lag.record(0.001)
         lag.record(0.300)  # one pause (a collection, a model swap): not overload
         assert await handler.unary_unary(SimpleNamespace(), FakeContext()) == "answer"
@@ -192,16 +199,8 @@ def test_a_call_that_waited_before_its_handler_is_refused_measured_by_its_caller
     async def main():
         admission = AdmissionControl({SCORE}, max_in_flight=100, min_time_s=0.0, pushback_ms=40, max_queue_s=0.020,
                                      queue_from_deadline=True)
-        calls = []
 
-        async def behaviour(request, context):
-            calls.append(request)
-            return "answer"
-
-        async def continuation(_details):
-            return grpc.unary_unary_rpc_method_handler(behaviour)
-
-        handler = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        handler, calls = await recording_handler(admission)
         observed = sum(s.value for s in QUEUE_WAIT.collect()[0].samples if s.name.endswith("_count"))
         # A caller with 1 s deadlines: one call reached the handler at once (999 ms left), ...
         assert await handler.unary_unary(SimpleNamespace(), FakeContext(0.999, "ipv4:10.0.0.1:1")) == "answer"
@@ -230,13 +229,7 @@ def test_without_queue_from_deadline_a_shorter_deadline_is_never_taken_for_a_wai
     async def main():
         admission = AdmissionControl({SCORE}, max_in_flight=100, min_time_s=0.0, pushback_ms=40, max_queue_s=0.020)
 
-        async def behaviour(request, context):
-            return "answer"
-
-        async def continuation(_details):
-            return grpc.unary_unary_rpc_method_handler(behaviour)
-
-        handler = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        handler, _ = await recording_handler(admission)
         for remaining in (5.0, 0.5, 0.05):  # one channel, three callers' timeouts (a shared test channel)
             assert await handler.unary_unary(SimpleNamespace(), FakeContext(remaining)) == "answer"
 
