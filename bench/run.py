@@ -222,6 +222,20 @@ def main(argv=None) -> int:
         finally:
             envr.stop()
 
+    # ------------------------------------------------------------------ shadow scoring's cost
+    if args.only in ("all", "ours"):
+        from bench import shadow_cost
+
+        try:  # the answers with FRAUDSCORE_SHADOW_SHARE 0, then 1.0 (new cards: a model call each)
+            results["shadow_cost"] = shadow_cost.measure(requests=1000 if args.quick else 3000, concurrency=8)
+            sc = results["shadow_cost"]
+            log(f"shadow cost: {sc['off']['rps']}/s p99 {sc['off']['p99_ms']} ms at share 0; "
+                f"{sc['on']['rps']}/s p99 {sc['on']['p99_ms']} ms at share 1.0")
+        except Exception as exc:
+            log(f"shadow cost part failed: {exc}")
+            results["failures"].append({"part": "shadow_cost", "error": f"{type(exc).__name__}: {exc}",
+                                        "trace": traceback.format_exc()[-3000:]})
+
     # ------------------------------------------------------------------ the reference
     if args.only in ("all", "mlserver"):
         from bench import mlserver_ref as M
@@ -258,6 +272,10 @@ def main(argv=None) -> int:
     out = RESULTS / f"{run_id}.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     print(table(results))
+    if "shadow_cost" in results:
+        sc = results["shadow_cost"]
+        print(f"shadow scoring (new cards, 8 callers, one worker): share 0 {sc['off']['rps']}/s p99 {sc['off']['p99_ms']} ms; "
+              f"share 1.0 {sc['on']['rps']}/s p99 {sc['on']['p99_ms']} ms")
     for f in results["failures"]:
         print(f"FAILED {f['part']}: {f['error']}")
     print(f"\nresults: {out.relative_to(BENCH.parent)}  (pinning: loadgen cpus {lg_cpus or 'all'}, servers {srv_cpus or 'all'}; "

@@ -115,20 +115,24 @@ def run(data_dir: Path, share: float, requests: int, concurrency: int) -> dict[s
             "shadow_dropped": int(counts["fraudscore_shadow_dropped_total"])}
 
 
+def measure(requests: int, concurrency: int, data_dir: Path | None = None) -> dict[str, Any]:
+    """Both runs (share 0, then 1.0) on one registry; what ``main`` prints (``bench.run`` keeps it too)."""
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="fs-shadow-cost-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    shadow = prepare(data_dir)
+    off = run(data_dir, 0.0, requests, concurrency)
+    on = run(data_dir, 1.0, requests, concurrency)
+    return {"bench": "shadow_cost", "shadow_version": shadow, "off": off, "on": on,
+            "p50_delta_ms": round(on["p50_ms"] - off["p50_ms"], 3), "p99_delta_ms": round(on["p99_ms"] - off["p99_ms"], 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--data-dir", type=Path, help="default: a new temporary folder")
     args = parser.parse_args(argv)
-    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="fs-shadow-cost-"))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    shadow = prepare(data_dir)
-    off = run(data_dir, 0.0, args.requests, args.concurrency)
-    on = run(data_dir, 1.0, args.requests, args.concurrency)
-    print(json.dumps({"bench": "shadow_cost", "shadow_version": shadow, "off": off, "on": on,
-                      "p50_delta_ms": round(on["p50_ms"] - off["p50_ms"], 3),
-                      "p99_delta_ms": round(on["p99_ms"] - off["p99_ms"], 3)}, indent=2))
+    print(json.dumps(measure(args.requests, args.concurrency, args.data_dir), indent=2))
     return 0
 
 
