@@ -3,49 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from fraudscore_client._attempts import Attempts
-from fraudscore_client._channel import ChannelConfig, PathLike, open_aio_channel
+from fraudscore_client._base import ClientBase
+from fraudscore_client._channel import open_aio_channel
 from fraudscore_client._messages import ScoreResult, Transaction, from_response, to_request
-from fraudscore_client._retry import RetryPolicy
-from fraudscore_client._sync import DEFAULT_TIMEOUT_S, _policy, _timeout
-from fraudscore_client._throttle import DEFAULT_K, AdaptiveThrottle, throttle_of
-from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
+from scoring_service.protos import scoring_pb2
 
 
-class AsyncFraudScoreClient:
+class AsyncFraudScoreClient(ClientBase):
     """As :class:`FraudScoreClient`, with ``async`` methods; create it inside the running event loop."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        tls_ca: PathLike | None = None,
-        tls_cert: PathLike | None = None,
-        tls_key: PathLike | None = None,
-        tls_server_name: str | None = None,
-        api_key: str | None = None,
-        retries: int | RetryPolicy = 2,
-        rng: random.Random | None = None,
-        throttle: AdaptiveThrottle | float | None = DEFAULT_K,
-    ) -> None:
-        self.timeout_s = _timeout(timeout_s)
-        self.retry_policy = _policy(retries)
-        self._config = ChannelConfig(target, tls_ca, tls_cert, tls_key, tls_server_name, api_key)
-        self._rng = rng
-        self.throttle = throttle_of(throttle)
-        self._channel = open_aio_channel(self._config)
-        self._stub = scoring_pb2_grpc.FraudScoringStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    _open_channel = staticmethod(open_aio_channel)
 
     async def score(
         self,
@@ -73,8 +48,7 @@ class AsyncFraudScoreClient:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     async def _call(self, method: Any, request: Any, timeout_s: float | None) -> Any:
-        attempts = Attempts(_timeout(timeout_s if timeout_s is not None else self.timeout_s), self.retry_policy,
-                            self.throttle, self._config, self._rng)
+        attempts = self._attempts(timeout_s)
         while True:
             remaining, metadata = attempts.next()
             try:
