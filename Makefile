@@ -5,7 +5,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 UV ?= uv
 PYTEST_ARGS ?=
 
-.PHONY: deps install run test test-unit bench bench-overload bench-soak bench-score-batch plots data compose-test protos lint clean
+.PHONY: deps install run test test-unit bench bench-overload bench-soak bench-score-batch bench-dashboard plots data compose-test protos lint clean
 
 deps:
 	@scripts/install-deps.sh
@@ -45,6 +45,11 @@ bench-score-batch: install
 
 plots: install
 	$(UV) run --frozen python -m bench.plots
+
+# The dashboard's panels from a real Prometheus scraping the service under load (docs/img/dashboard.png;
+# needs Debian's prometheus).
+bench-dashboard: install
+	$(UV) run --frozen python -m bench.dashboard $(BENCH_ARGS)
 
 # The handbook data set, downloaded and checked (docs/client.md).
 data: install
