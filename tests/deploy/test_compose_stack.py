@@ -185,6 +185,9 @@ def test_events_then_the_nightly_profile_then_cache_answers(stack, tmp_path_fact
     ts = pd.to_datetime(payments["TX_DATETIME"])
     window = payments.loc[ts >= pd.Timestamp.now() - pd.Timedelta(days=30)]
     known = window.drop_duplicates("CUSTOMER_ID").sample(6, random_state=3)
+    # The scorer reads the active generation once a second (generation_poll_s): until then it still
+    # reads the previous one. The first run here once scored the first card within that second (MODEL).
+    time.sleep(2.0)
     for row in known.itertuples():
         resp = _score(stack, str(row.CUSTOMER_ID), str(row.TERMINAL_ID), float(row.TX_AMOUNT))
         assert resp.source == scoring_pb2.CACHE, (row.CUSTOMER_ID, resp)
