@@ -18,7 +18,9 @@ little of an overloaded service on refusals: measured at 3x its capacity, the se
 its peak goodput, against 73 % with ``k = 2`` (the book's default, which over-sends more and so
 finds returning capacity a little sooner). Either way the counts forget within the window.
 A locally refused call raises ``ScoringError`` with
-``RESOURCE_EXHAUSTED`` at once, so the caller applies its fallback as for a server refusal.
+``RESOURCE_EXHAUSTED`` at once, so the caller applies its fallback as for a server refusal. The
+throttle decides whether a call is sent at all; the retries of a sent call (after the service's
+pushback) are counted but left to the retry rule.
 
 One definition: the benchmark's load generator (``bench/loadgen/main.go``, ``-throttle-k``)
 implements this same rule to measure what clients that use it get (``bench/overload.py``).
@@ -82,6 +84,11 @@ class AdaptiveThrottle:
             self._requests[self._advance()] += 1
         return not (p > 0 and self._rng.random() < p)
 
+    def sent(self) -> None:
+        """Count a request sent without asking (a retry)."""
+        with self._lock:
+            self._requests[self._advance()] += 1
+
     def accepted(self) -> None:
         """The service took the call (any answer but an overload refusal)."""
         with self._lock:
@@ -96,8 +103,16 @@ def throttle_of(value: AdaptiveThrottle | float | None) -> AdaptiveThrottle | No
 
 
 def before_attempt(throttle: AdaptiveThrottle | None, attempt: int) -> None:
-    """Raise ``RESOURCE_EXHAUSTED`` without sending when the throttle refuses attempt ``attempt``."""
-    if throttle is not None and not throttle.allow():
+    """Raise ``RESOURCE_EXHAUSTED`` without sending when the throttle refuses a call's first attempt.
+    A retry is counted but never refused here: the retry rule already bounds it (the service's
+    pushback, the attempts, the deadline), and a caller with a few calls and retries must not lose
+    the retry the service invited (its padding is for that too)."""
+    if throttle is None:
+        return
+    if attempt > 1:
+        throttle.sent()
+        return
+    if not throttle.allow():
         raise ScoringError(grpc.StatusCode.RESOURCE_EXHAUSTED, "not sent: the service has been refusing calls for "
                            "overload, so this client refuses some itself (adaptive throttling)", attempts=attempt - 1)
 

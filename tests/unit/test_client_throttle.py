@@ -85,3 +85,21 @@ def test_the_client_stops_sending_what_the_service_keeps_refusing(fake: FakeScor
         assert c.score("c1", "t1", 10.0).decision == "APPROVE"
     with FraudScoreClient(fake_server[1], timeout_s=2.0, throttle=2.0) as c:
         assert c.throttle is not None and c.throttle.k == 2.0
+
+
+def test_only_a_call_s_first_attempt_is_throttled_its_invited_retries_are_counted():
+    from fraudscore_client._throttle import before_attempt
+
+    class Always:
+        def random(self) -> float:
+            return 0.0  # refuse whenever the probability is above 0
+
+    throttle = AdaptiveThrottle(k=1.1, clock=Clock(), rng=Always())  # type: ignore[arg-type]
+    for _ in range(40):
+        throttle.sent()  # 40 attempts, none accepted: the service is refusing
+    assert throttle.reject_probability() > 0.8
+    with pytest.raises(ScoringError, match="not sent"):
+        before_attempt(throttle, 1)
+    before = throttle.reject_probability()
+    before_attempt(throttle, 2)  # a retry after the service's pushback: sent, and counted
+    assert throttle.reject_probability() > before
