@@ -35,6 +35,16 @@ DECISIONS = {0: "UNSPECIFIED", 1: "APPROVE", 2: "REVIEW", 3: "DECLINE"}
 SOURCE_NAMES = {0: "UNSPECIFIED", 1: "CACHE", 2: "MODEL", 3: "FALLBACK"}
 
 
+def save_result(kind: str, stamp: str, out: dict) -> Path:
+    """``bench/results/<kind>-<stamp>.json``, and the same JSON on stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    dest = RESULTS / f"{kind}-{stamp}.json"
+    dest.write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+    log(f"wrote {dest}")
+    return dest
+
+
 def start_service(workers: int, env: dict[str, str] | None = None, mode: str = "cache-first"):
     """Redis, a trained model, the cache filled as of the traffic day's eve, ``fraudscore serve``."""
     import pandas as pd
@@ -259,11 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_admitted_p99_ms": max((s["admitted_p99_ms"] or 0 for s in out["steps"]), default=None),
         "silent_approvals": sum(s["probe"]["silent_approvals"] for s in out["steps"]),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    dest = RESULTS / f"overload-{stamp}.json"
-    dest.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out, indent=2))
-    log(f"wrote {dest}")
+    save_result("overload", stamp, out)
     return 0
 
 

@@ -14,13 +14,12 @@ score inside the budget). JSON on stdout and in ``bench/results/score-batch-<sta
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 
 from bench.common import log
-from bench.overload import BUDGET_MS, RESULTS, SOURCE_NAMES, start_service
+from bench.overload import BUDGET_MS, SOURCE_NAMES, save_result, start_service
 
 
 def batch_request(traffic, size: int, tag: str):
@@ -92,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         svc.stop()
         envr.stop()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    dest = RESULTS / f"score-batch-{stamp}.json"
-    dest.write_text(json.dumps(out, indent=2))
-    print(json.dumps(out, indent=2))
-    log(f"wrote {dest}")
+    save_result("score-batch", stamp, out)
     return 0
 
 
