@@ -22,6 +22,12 @@ A locally refused call raises ``ScoringError`` with
 throttle decides whether a call is sent at all; the retries of a sent call (after the service's
 pushback) are counted but left to the retry rule.
 
+A sent attempt is counted when its outcome is known, not when it leaves: a call still in flight
+is no evidence that the service refuses, and counting it as a request without an accept made a
+client that had never seen a refusal refuse its own concurrent calls (four at once from a cold
+client: p = 1/9, 2/10, 3/11). A locally refused call is counted at once (it has no outcome to wait
+for), as the book does, so that a client the service keeps refusing sends less and less.
+
 One definition: the benchmark's load generator (``bench/loadgen/main.go``, ``-throttle-k``)
 implements this same rule to measure what clients that use it get (``bench/overload.py``).
 """
@@ -78,21 +84,21 @@ class AdaptiveThrottle:
         return max(0.0, (requests - self.k * accepts) / (requests + PADDING))
 
     def allow(self) -> bool:
-        """Whether to send the next call; counts it as a request either way."""
+        """Whether to send the next call. A refusal is counted as a request at once; a call that is
+        sent is counted by :meth:`outcome` when it ends."""
         p = self.reject_probability()
-        with self._lock:
-            self._requests[self._advance()] += 1
-        return not (p > 0 and self._rng.random() < p)
+        refused = p > 0 and self._rng.random() < p
+        if refused:
+            with self._lock:
+                self._requests[self._advance()] += 1
+        return not refused
 
-    def sent(self) -> None:
-        """Count a request sent without asking (a retry)."""
+    def outcome(self, accepted: bool) -> None:
+        """Count a sent attempt once it ended: ``accepted`` unless the service refused it for overload."""
         with self._lock:
-            self._requests[self._advance()] += 1
-
-    def accepted(self) -> None:
-        """The service took the call (any answer but an overload refusal)."""
-        with self._lock:
-            self._accepts[self._advance()] += 1
+            slot = self._advance()
+            self._requests[slot] += 1
+            self._accepts[slot] += accepted
 
 
 def throttle_of(value: AdaptiveThrottle | float | None) -> AdaptiveThrottle | None:
@@ -104,13 +110,10 @@ def throttle_of(value: AdaptiveThrottle | float | None) -> AdaptiveThrottle | No
 
 def before_attempt(throttle: AdaptiveThrottle | None, attempt: int) -> None:
     """Raise ``RESOURCE_EXHAUSTED`` without sending when the throttle refuses a call's first attempt.
-    A retry is counted but never refused here: the retry rule already bounds it (the service's
-    pushback, the attempts, the deadline), and a caller with a few calls and retries must not lose
-    the retry the service invited (its padding is for that too)."""
-    if throttle is None:
-        return
-    if attempt > 1:
-        throttle.sent()
+    A retry is never refused here (its outcome is counted like any attempt's): the retry rule
+    already bounds it (the service's pushback, the attempts, the deadline), and a caller with a few
+    calls and retries must not lose the retry the service invited."""
+    if throttle is None or attempt > 1:
         return
     if not throttle.allow():
         raise ScoringError(grpc.StatusCode.RESOURCE_EXHAUSTED, "not sent: the service has been refusing calls for "
@@ -119,8 +122,8 @@ def before_attempt(throttle: AdaptiveThrottle | None, attempt: int) -> None:
 
 def after_attempt(throttle: AdaptiveThrottle | None, code: grpc.StatusCode | None) -> None:
     """Count an attempt's outcome: ``code`` None for an answer, else the status of its failure."""
-    if throttle is not None and code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
-        throttle.accepted()
+    if throttle is not None:
+        throttle.outcome(accepted=code is not grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 __all__ = ["DEFAULT_K", "AdaptiveThrottle", "after_attempt", "before_attempt", "throttle_of"]

@@ -15,7 +15,8 @@
 // -throttle-k K: each call first asks the client's adaptive throttle (fraudscore_client/_throttle.py,
 // the same rule: over the last 10 s, refuse locally with probability
 // max(0, (requests - K*accepts) / (requests + 8)); an answer that is not RESOURCE_EXHAUSTED is an
-// accept). A locally refused call is not sent and is counted under the code "ThrottledLocally".
+// accept; a sent call is counted when it ends, a locally refused one at once). A locally refused
+// call is not sent and is counted under the code "ThrottledLocally".
 //
 // Each call carries its timeout as the metadata x-fraudscore-timeout-ms (-send-timeout, on by
 // default), as fraudscore_client does: the service measures from it each call's wait before its
@@ -84,7 +85,7 @@ func (t *throttle) advance() int {
 	return int(now % 10)
 }
 
-// allow counts a request and says whether to send it.
+// allow says whether to send a call; a refusal is counted at once, a sent call by outcome.
 func (t *throttle) allow() bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -95,14 +96,22 @@ func (t *throttle) allow() bool {
 		acc += t.accepts[i]
 	}
 	p := math.Max(0, (float64(req)-t.k*float64(acc))/float64(req+8))
-	t.requests[slot]++
-	return !(p > 0 && t.rng.Float64() < p)
+	if p > 0 && t.rng.Float64() < p {
+		t.requests[slot]++
+		return false
+	}
+	return true
 }
 
-func (t *throttle) accepted() {
+// outcome counts a sent call once it ended: accepted unless refused for overload.
+func (t *throttle) outcome(accepted bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.accepts[t.advance()]++
+	slot := t.advance()
+	t.requests[slot]++
+	if accepted {
+		t.accepts[slot]++
+	}
 }
 
 type sample struct {
@@ -287,8 +296,8 @@ func main() {
 		err := conn.Invoke(ctx, *method, &req, &resp)
 		done := time.Since(start)
 		cancel()
-		if thr != nil && status.Code(err) != codes.ResourceExhausted {
-			thr.accepted()
+		if thr != nil {
+			thr.outcome(status.Code(err) != codes.ResourceExhausted)
 		}
 		s := sample{schedNs: int64(sched), sendNs: int64(send), doneNs: int64(done), code: status.Code(err), enumVal: -1}
 		if err == nil && (*enumField > 0 || *flagField > 0) {

@@ -24,7 +24,18 @@ def test_while_the_service_accepts_everything_nothing_is_refused_locally():
     throttle = AdaptiveThrottle(k=2.0, clock=Clock(), rng=random.Random(1))
     for _ in range(10_000):
         assert throttle.allow()
-        throttle.accepted()
+        throttle.outcome(accepted=True)
+    assert throttle.reject_probability() == 0.0
+
+
+def test_calls_in_flight_are_no_evidence_of_refusal():
+    # a cold client sends many calls at once: none has an outcome yet, and none may be refused
+    # locally (counting them as requests without accepts refused the 2nd of 4 with p = 1/9)
+    throttle = AdaptiveThrottle(k=1.1, clock=Clock(), rng=random.Random(5))
+    assert all(throttle.allow() for _ in range(200))
+    assert throttle.reject_probability() == 0.0
+    for _ in range(200):
+        throttle.outcome(accepted=True)
     assert throttle.reject_probability() == 0.0
 
 
@@ -39,10 +50,10 @@ def test_a_client_sends_about_k_times_what_an_overloaded_service_accepts():
             if throttle.allow():
                 sent += 1
                 second = int(clock.now)
-                if taken.get(second, 0) < 100:
-                    taken[second] = taken.get(second, 0) + 1
-                    accepted += 1
-                    throttle.accepted()
+                ok = taken.get(second, 0) < 100
+                taken[second] = taken.get(second, 0) + ok
+                accepted += ok
+                throttle.outcome(accepted=ok)
         assert accepted > 2_500  # the service still works at capacity
         # without the throttle all 30,000 are sent; with it, about k times the accepted
         assert sent < k * accepted * 1.15 + 100, (k, sent, accepted)
@@ -51,10 +62,12 @@ def test_a_client_sends_about_k_times_what_an_overloaded_service_accepts():
 def test_one_refusal_does_not_make_a_quiet_client_refuse_half_its_calls_and_the_window_forgets():
     clock = Clock()
     throttle = AdaptiveThrottle(k=2.0, window_s=10, clock=clock)
-    assert throttle.allow()  # sent, refused by the service (no accepted())
+    assert throttle.allow()
+    throttle.outcome(accepted=False)  # sent, refused by the service
     assert throttle.reject_probability() == pytest.approx(1 / (1 + PADDING))
     for _ in range(50):
-        throttle.allow()
+        if throttle.allow():  # a local refusal is counted at once, a sent call when it ends
+            throttle.outcome(accepted=False)
     assert throttle.reject_probability() > 0.8
     clock.now += 10.5  # the window slid past every count
     assert throttle.reject_probability() == 0.0
@@ -88,7 +101,7 @@ def test_the_client_stops_sending_what_the_service_keeps_refusing(fake: FakeScor
 
 
 def test_only_a_call_s_first_attempt_is_throttled_its_invited_retries_are_counted():
-    from fraudscore_client._throttle import before_attempt
+    from fraudscore_client._throttle import after_attempt, before_attempt
 
     class Always:
         def random(self) -> float:
@@ -96,10 +109,13 @@ def test_only_a_call_s_first_attempt_is_throttled_its_invited_retries_are_counte
 
     throttle = AdaptiveThrottle(k=1.1, clock=Clock(), rng=Always())  # type: ignore[arg-type]
     for _ in range(40):
-        throttle.sent()  # 40 attempts, none accepted: the service is refusing
+        throttle.outcome(accepted=False)  # 40 attempts, none accepted: the service is refusing
     assert throttle.reject_probability() > 0.8
     with pytest.raises(ScoringError, match="not sent"):
         before_attempt(throttle, 1)
     before = throttle.reject_probability()
-    before_attempt(throttle, 2)  # a retry after the service's pushback: sent, and counted
+    before_attempt(throttle, 2)  # a retry after the service's pushback: sent, never refused here
+    after_attempt(throttle, grpc.StatusCode.RESOURCE_EXHAUSTED)  # and counted when refused again
     assert throttle.reject_probability() > before
+    after_attempt(throttle, None)  # an answer is an accept
+    assert throttle.reject_probability() < before + 0.01
