@@ -46,7 +46,7 @@ def ghz() -> Path:
 def run_fsload(*, addr: str, method: str, data: Path, mode: str, server_pids: list[int], concurrency: int = 1,
                rps: float = 0, duration: float = 10, warmup: float = 2, conns: int = 1, offset: int = 0,
                cpus: str | None = None, enum_field: int = 0, flag_field: int = 0, timeout: float = 2.0,
-               extra_pids: dict[str, list[int]] | None = None, throttle_k: float = 0.0,
+               extra_pids: dict[str, list[int]] | None = None, throttle_k: float = 0.0, throttle_window_s: int = 5,
                send_timeout: bool = True) -> dict:
     """One load run; adds CPU seconds per 1,000 requests of the server (and of ``extra_pids``) and of the loader."""
     args = [*taskset_prefix(cpus), str(fsload()), "-addr", addr, "-method", method, "-data", str(data),
@@ -54,7 +54,7 @@ def run_fsload(*, addr: str, method: str, data: Path, mode: str, server_pids: li
             "-duration", f"{duration}s", "-warmup", f"{warmup}s", "-offset", str(offset), "-timeout", f"{timeout}s",
             "-enum-field", str(enum_field), "-flag-field", str(flag_field)]
     if throttle_k:  # callers with fraudscore_client's adaptive throttling (fraudscore_client/_throttle.py)
-        args += ["-throttle-k", str(throttle_k)]
+        args += ["-throttle-k", str(throttle_k), "-throttle-window", str(throttle_window_s)]
     if not send_timeout:  # callers that do not send x-fraudscore-timeout-ms (not fraudscore_client)
         args += ["-send-timeout=false"]
     env = {**os.environ}

@@ -90,14 +90,16 @@ def requests_file(traffic, envr, mix: str, n: int, run_id: str) -> Path:
 
 
 def fsload_run(svc, envr, path: Path, *, mode: str, rps: float = 0, concurrency: int = 1, seconds: float,
-               warmup: float, offset: int, deadline_s: float, throttle_k: float = 0.0, send_timeout: bool = True) -> dict:
+               warmup: float, offset: int, deadline_s: float, throttle_k: float = 0.0, send_timeout: bool = True,
+               throttle_window_s: int = 5) -> dict:
     from bench import fraudscore_svc as S
     from bench.loadgen import run_fsload
 
     return run_fsload(addr=svc.address, method=S.METHOD, data=path, mode=mode, server_pids=svc.pids(),
                       concurrency=concurrency, rps=rps, duration=seconds, warmup=warmup, conns=32, offset=offset,
                       enum_field=S.SOURCE_FIELD, flag_field=S.DEGRADED_FIELD, timeout=deadline_s,
-                      extra_pids={"redis": [envr.redis.proc.pid]}, throttle_k=throttle_k, send_timeout=send_timeout)
+                      extra_pids={"redis": [envr.redis.proc.pid]}, throttle_k=throttle_k, send_timeout=send_timeout,
+                      throttle_window_s=throttle_window_s)
 
 
 def measure_capacity(svc, envr, traffic, run_id: str, deadline_s: float) -> tuple[float, dict]:
@@ -222,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--service-env", nargs="*", default=[], help="settings of the service, K=V (FRAUDSCORE_...)")
     ap.add_argument("--throttle-k", type=float, default=0.0,
                     help="the load's callers throttle themselves as fraudscore_client does, with this k (0: raw load)")
+    ap.add_argument("--throttle-window", type=int, default=5, help="the throttle's window, s (fraudscore_client's window_s)")
     ap.add_argument("--no-send-timeout", action="store_true",
                     help="the load's callers do not send x-fraudscore-timeout-ms (callers not using fraudscore_client)")
     ap.add_argument("--note", default="")
@@ -233,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline_s = args.deadline_ms / 1000
     traffic, envr, svc = start_service(args.workers, env)
     out: dict = {"bench": "overload", "stamp": stamp, "note": args.note, "budget_ms": BUDGET_MS,
-                 "throttle_k": args.throttle_k, "send_timeout": not args.no_send_timeout,
+                 "throttle_k": args.throttle_k, "throttle_window_s": args.throttle_window,
+                 "send_timeout": not args.no_send_timeout,
                  "deadline_ms": args.deadline_ms, "server": svc.describe(), "mix": "mixed", "steps": []}
     try:
         capacity, out["capacity"] = measure_capacity(svc, envr, traffic, run_id, deadline_s)
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             probe.start()
             res = fsload_run(svc, envr, path, mode="open", rps=target, seconds=args.seconds, warmup=args.warmup,
                              offset=offset, deadline_s=deadline_s, throttle_k=args.throttle_k,
-                             send_timeout=not args.no_send_timeout)
+                             send_timeout=not args.no_send_timeout, throttle_window_s=args.throttle_window)
             probe.stop_flag.set()
             probe.join(timeout=5)
             offset += n

@@ -15,8 +15,9 @@
 // -throttle-k K: each call first asks the client's adaptive throttle (fraudscore_client/_throttle.py,
 // the same rule: over the last 10 s, refuse locally with probability
 // max(0, (requests - K*accepts) / (requests + 8)); an answer that is not RESOURCE_EXHAUSTED is an
-// accept; a sent call is counted when it ends, a locally refused one at once). A locally refused
-// call is not sent and is counted under the code "ThrottledLocally".
+// accept; a sent call is counted when it ends; a locally refused one at once, as a request only in
+// a second in which the service refused some sent calls). A locally refused call is not sent and
+// is counted under the code "ThrottledLocally".
 //
 // Each call carries its timeout as the metadata x-fraudscore-timeout-ms (-send-timeout, on by
 // default), as fraudscore_client does: the service measures from it each call's wait before its
@@ -65,24 +66,26 @@ var _ encoding.Codec = rawCodec{}
 
 // throttle: adaptive throttling, as fraudscore_client._throttle.AdaptiveThrottle (1 s buckets).
 type throttle struct {
-	mu       sync.Mutex
-	k        float64
-	requests [10]int
-	accepts  [10]int
-	current  int64
-	rng      *rand.Rand
+	mu      sync.Mutex
+	k       float64
+	sent    []int // per second of the window: sent calls whose outcome is known
+	accepts []int
+	local   []int // calls refused locally
+	current int64
+	rng     *rand.Rand
 }
 
 func (t *throttle) advance() int {
 	now := time.Now().Unix()
 	if now != t.current {
-		for step := int64(0); step < now-t.current && step < 10; step++ {
-			slot := (t.current + 1 + step) % 10
-			t.requests[slot], t.accepts[slot] = 0, 0
+		n := int64(len(t.sent))
+		for step := int64(0); step < now-t.current && step < n; step++ {
+			slot := (t.current + 1 + step) % n
+			t.sent[slot], t.accepts[slot], t.local[slot] = 0, 0, 0
 		}
 		t.current = now
 	}
-	return int(now % 10)
+	return int(now % int64(len(t.sent)))
 }
 
 // allow says whether to send a call; a refusal is counted at once, a sent call by outcome.
@@ -91,13 +94,16 @@ func (t *throttle) allow() bool {
 	defer t.mu.Unlock()
 	slot := t.advance()
 	req, acc := 0, 0
-	for i := 0; i < 10; i++ {
-		req += t.requests[i]
+	for i := range t.sent {
+		req += t.sent[i]
 		acc += t.accepts[i]
+		if t.sent[i] > t.accepts[i] { // local refusals count only in a second the service refused in
+			req += t.local[i]
+		}
 	}
 	p := math.Max(0, (float64(req)-t.k*float64(acc))/float64(req+8))
 	if p > 0 && t.rng.Float64() < p {
-		t.requests[slot]++
+		t.local[slot]++
 		return false
 	}
 	return true
@@ -108,7 +114,7 @@ func (t *throttle) outcome(accepted bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	slot := t.advance()
-	t.requests[slot]++
+	t.sent[slot]++
 	if accepted {
 		t.accepts[slot]++
 	}
@@ -231,6 +237,7 @@ func main() {
 	out := flag.String("out", "", "write the JSON here instead of stdout")
 	sendTimeout := flag.Bool("send-timeout", true, "send each call's timeout as x-fraudscore-timeout-ms, as fraudscore_client does")
 	throttleK := flag.Float64("throttle-k", 0, "adaptive client throttling with this K (0 = off), as fraudscore_client")
+	throttleWindow := flag.Int("throttle-window", 5, "the throttle's window, whole seconds")
 	flag.Parse()
 
 	msgs, err := readMessages(*dataPath)
@@ -277,7 +284,9 @@ func main() {
 	timeoutMs := fmt.Sprintf("%.1f", float64(*timeout)/1e6)
 	var thr *throttle
 	if *throttleK > 0 {
-		thr = &throttle{k: *throttleK, current: time.Now().Unix(), rng: rand.New(rand.NewSource(1))}
+		w := max(*throttleWindow, 1)
+		thr = &throttle{k: *throttleK, sent: make([]int, w), accepts: make([]int, w), local: make([]int, w),
+			current: time.Now().Unix(), rng: rand.New(rand.NewSource(1))}
 	}
 	start := time.Now()
 	call := func(i int64, sched time.Duration, conn *grpc.ClientConn) sample {

@@ -119,3 +119,29 @@ def test_only_a_call_s_first_attempt_is_throttled_its_invited_retries_are_counte
     assert throttle.reject_probability() > before
     after_attempt(throttle, None)  # an answer is an accept
     assert throttle.reject_probability() < before + 0.01
+
+
+def test_after_a_surge_the_client_sends_more_as_soon_as_the_service_accepts_everything():
+    # second 0: a cold flood, the service accepts 300 of 1,000 (its refusals eat its CPU);
+    # then 1,000 calls a second, and the service would take up to 800 a second
+    clock = Clock()
+    throttle = AdaptiveThrottle(k=1.1, window_s=10, clock=clock, rng=random.Random(11))
+    for _ in range(1_000):  # all sent at once, before any outcome
+        assert throttle.allow()
+    for i in range(1_000):
+        throttle.outcome(accepted=i < 300)
+    sent_per_second, accepted_per_second = [], []
+    for _ in range(6):
+        clock.now += 1.0
+        sent = 0
+        for _ in range(1_000):
+            if throttle.allow():
+                sent += 1
+                throttle.outcome(accepted=sent <= 800)
+        sent_per_second.append(sent)
+        accepted_per_second.append(min(sent, 800))
+    # the calls refused locally in a second the service refused nothing in are not counted as
+    # unmet demand, so the client sends much more each second (the book's rule: about 1.1x a window)
+    assert sent_per_second[0] < 500, sent_per_second
+    assert sent_per_second[3] > 1.4 * sent_per_second[0], sent_per_second
+    assert min(accepted_per_second[3:]) >= 760, sent_per_second  # the service works near its capacity
