@@ -28,7 +28,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from bench.common import REPO, log
+from bench.common import REPO, log, stop
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "fraudscore.json"
 UNITS = {"s": (1000.0, "ms"), "percentunit": (100.0, "%"), "reqps": (1.0, "/s"), "short": (1.0, "")}
@@ -73,8 +73,7 @@ class Prometheus:
         return body["data"]["result"]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        stop(self.proc, timeout=10)
         self.log.close()
 
 

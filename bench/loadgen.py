@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from bench.common import BENCH, GO_BIN, log, taskset_prefix, tree_cpu_seconds
+from fraudscore_client._throttle import DEFAULT_WINDOW_S
 
 GHZ_VERSION = "v0.120.0"
 
@@ -46,15 +47,15 @@ def ghz() -> Path:
 def run_fsload(*, addr: str, method: str, data: Path, mode: str, server_pids: list[int], concurrency: int = 1,
                rps: float = 0, duration: float = 10, warmup: float = 2, conns: int = 1, offset: int = 0,
                cpus: str | None = None, enum_field: int = 0, flag_field: int = 0, timeout: float = 2.0,
-               extra_pids: dict[str, list[int]] | None = None, throttle_k: float = 0.0, throttle_window_s: int = 5,
-               send_timeout: bool = True) -> dict:
+               extra_pids: dict[str, list[int]] | None = None, throttle_k: float = 0.0,
+               throttle_window_s: float = DEFAULT_WINDOW_S, send_timeout: bool = True) -> dict:
     """One load run; adds CPU seconds per 1,000 requests of the server (and of ``extra_pids``) and of the loader."""
     args = [*taskset_prefix(cpus), str(fsload()), "-addr", addr, "-method", method, "-data", str(data),
             "-mode", mode, "-c", str(concurrency), "-rps", str(rps), "-conns", str(conns),
             "-duration", f"{duration}s", "-warmup", f"{warmup}s", "-offset", str(offset), "-timeout", f"{timeout}s",
             "-enum-field", str(enum_field), "-flag-field", str(flag_field)]
     if throttle_k:  # callers with fraudscore_client's adaptive throttling (fraudscore_client/_throttle.py)
-        args += ["-throttle-k", str(throttle_k), "-throttle-window", str(throttle_window_s)]
+        args += ["-throttle-k", str(throttle_k), "-throttle-window", str(round(throttle_window_s))]
     if not send_timeout:  # callers that do not send x-fraudscore-timeout-ms (not fraudscore_client)
         args += ["-send-timeout=false"]
     env = {**os.environ}

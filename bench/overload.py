@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from bench.common import BENCH, CACHE_DIR, HANDBOOK, NCPU, log
+from fraudscore_client._throttle import DEFAULT_WINDOW_S
 
 BUDGET_MS = 100.0
 RESULTS = BENCH / "results"
@@ -91,7 +92,7 @@ def requests_file(traffic, envr, mix: str, n: int, run_id: str) -> Path:
 
 def fsload_run(svc, envr, path: Path, *, mode: str, rps: float = 0, concurrency: int = 1, seconds: float,
                warmup: float, offset: int, deadline_s: float, throttle_k: float = 0.0, send_timeout: bool = True,
-               throttle_window_s: int = 5) -> dict:
+               throttle_window_s: float = DEFAULT_WINDOW_S) -> dict:
     from bench import fraudscore_svc as S
     from bench.loadgen import run_fsload
 
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--service-env", nargs="*", default=[], help="settings of the service, K=V (FRAUDSCORE_...)")
     ap.add_argument("--throttle-k", type=float, default=0.0,
                     help="the load's callers throttle themselves as fraudscore_client does, with this k (0: raw load)")
-    ap.add_argument("--throttle-window", type=int, default=5, help="the throttle's window, s (fraudscore_client's window_s)")
+    ap.add_argument("--throttle-window", type=int, default=round(DEFAULT_WINDOW_S),
+                    help="the throttle's window, s (fraudscore_client's window_s)")
     ap.add_argument("--no-send-timeout", action="store_true",
                     help="the load's callers do not send x-fraudscore-timeout-ms (callers not using fraudscore_client)")
     ap.add_argument("--note", default="")

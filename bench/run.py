@@ -228,9 +228,7 @@ def main(argv=None) -> int:
 
         try:  # the answers with FRAUDSCORE_SHADOW_SHARE 0, then 1.0 (new cards: a model call each)
             results["shadow_cost"] = shadow_cost.measure(requests=1000 if args.quick else 3000, concurrency=8)
-            sc = results["shadow_cost"]
-            log(f"shadow cost: {sc['off']['rps']}/s p99 {sc['off']['p99_ms']} ms at share 0; "
-                f"{sc['on']['rps']}/s p99 {sc['on']['p99_ms']} ms at share 1.0")
+            log(shadow_cost.summary(results["shadow_cost"]))
         except Exception as exc:
             log(f"shadow cost part failed: {exc}")
             results["failures"].append({"part": "shadow_cost", "error": f"{type(exc).__name__}: {exc}",
@@ -273,9 +271,9 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(results, indent=2, default=str))
     print(table(results))
     if "shadow_cost" in results:
-        sc = results["shadow_cost"]
-        print(f"shadow scoring (new cards, 8 callers, one worker): share 0 {sc['off']['rps']}/s p99 {sc['off']['p99_ms']} ms; "
-              f"share 1.0 {sc['on']['rps']}/s p99 {sc['on']['p99_ms']} ms")
+        from bench import shadow_cost
+
+        print(shadow_cost.summary(results["shadow_cost"]))
     for f in results["failures"]:
         print(f"FAILED {f['part']}: {f['error']}")
     print(f"\nresults: {out.relative_to(BENCH.parent)}  (pinning: loadgen cpus {lg_cpus or 'all'}, servers {srv_cpus or 'all'}; "

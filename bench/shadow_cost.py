@@ -126,6 +126,13 @@ def measure(requests: int, concurrency: int, data_dir: Path | None = None) -> di
             "p50_delta_ms": round(on["p50_ms"] - off["p50_ms"], 3), "p99_delta_ms": round(on["p99_ms"] - off["p99_ms"], 3)}
 
 
+def summary(result: dict[str, Any]) -> str:
+    """One line of what ``measure`` found."""
+    off, on = result["off"], result["on"]
+    return (f"shadow scoring (new cards, {off['concurrency']} callers, one worker): "
+            f"share 0 {off['rps']}/s p99 {off['p99_ms']} ms; share 1.0 {on['rps']}/s p99 {on['p99_ms']} ms")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
