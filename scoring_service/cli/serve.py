@@ -16,7 +16,7 @@ from scoring_service import bootstrap
 from scoring_service.adapters.sql.db import DatabaseUnavailable
 from scoring_service.cli.common import cli_settings, fail
 from scoring_service.config import ScoringMode, Settings
-from scoring_service.logging import configure_logging, get_logger
+from scoring_service.logging import LogRelay, configure_logging, get_logger
 from scoring_service.online.runtime import PortInUse, claim_port, die_with_parent, join_workers
 
 
@@ -38,17 +38,17 @@ def _serve_workers(settings: Settings, redis_url: str | None) -> None:
     """``--workers N``: start them, restart those that die, forward SIGTERM/SIGINT, return once all have drained."""
     ctx = multiprocessing.get_context("spawn")
     parent_pid = os.getpid()
+    relay = LogRelay()  # the workers' lines reach our stderr whole, through this process (issue 27)
 
     def start_worker(index: int) -> BaseProcess:
-        proc = ctx.Process(target=_worker_main, name=f"scorer-{index}",
-                           args=(_worker_settings(settings, index).model_dump_json(), redis_url, parent_pid))
-        proc.start()
-        return proc
+        return relay.process(ctx, _worker_main, (_worker_settings(settings, index).model_dump_json(), redis_url, parent_pid),
+                             name=f"scorer-{index}")
 
     procs = [start_worker(i) for i in range(settings.workers)]
     get_logger("fraudscore.serve").info("server.workers", count=len(procs), pids=[p.pid for p in procs])
     options = bootstrap.server_options(settings)
     codes = join_workers(procs, start_worker, stop_timeout_s=options.drain_s + options.stop_grace_s + 10.0)
+    relay.join()  # the workers' last lines (server.stopped) are written before ours
     # A worker signalled before its event loop ran (still loading) stopped with the signal: it served nothing.
     if any(code not in (0, -signal.SIGTERM, -signal.SIGINT) for code in codes):
         fail(f"worker exit codes {codes}", 1)

@@ -37,6 +37,7 @@ import pandas as pd
 from scoring_service.adapters.kafka import codec, kafka_io
 from scoring_service.adapters.kafka.kafka_io import EventProducer, PartitionRange
 from scoring_service.core.events import EventSourceError, Rejected, WindowEvents, attach_labels, count_reasons, in_window
+from scoring_service.logging import LogRelay
 
 Progress = Callable[[int], None]
 
@@ -129,11 +130,11 @@ def _child(share: _Share, conn: Connection) -> None:
 
 def _read_in_processes(shares: list[_Share]) -> list[_ShareResult]:
     ctx = multiprocessing.get_context("fork")
+    relay = LogRelay()  # their log lines reach our stderr whole (docs/observability.md)
     procs = []
     for share in shares:
         parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(share, child), daemon=True)
-        p.start()
+        p = relay.process(ctx, _child, (share, child), daemon=True)
         child.close()
         procs.append((p, parent))
     results: list[_ShareResult] = []
@@ -148,6 +149,7 @@ def _read_in_processes(shares: list[_Share]) -> list[_ShareResult]:
             results.append(payload)
         else:
             errors.append(payload)
+    relay.join()
     if errors:
         raise EventSourceError(f"consumer worker failed: {errors[0]}")
     return results
