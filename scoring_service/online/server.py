@@ -140,6 +140,7 @@ class ScoringServer:
         self.options = server_options
         self.scorer = Scorer(cache, mode, intraday, fallback_min_decision)
         self._refused: set[str] = set()  # versions that did not load (logged once each)
+        self._none_loads_logged: str | None = None  # the active version whose model.no_version_loads was logged
         self.health = health.aio.HealthServicer()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._tasks: list[asyncio.Task[None]] = []
@@ -156,10 +157,10 @@ class ScoringServer:
         """Load the registry's active version if it differs from the one serving. True if swapped.
 
         A version that cannot be loaded (missing or damaged artifact, wrong features) is refused and
-        logged once; whatever serves keeps serving. At start, with nothing serving, the newest other
-        version that loads is served instead, loudly (``model.serving_previous_version``), so one bad
-        artifact does not keep the service NOT_SERVING. ``fraudscore_model_mismatch`` is 1 while the
-        version serving is not the registry's active one."""
+        logged once; whatever serves keeps serving. At start, with nothing serving, the version active
+        before it that loads is served instead, loudly (``model.serving_previous_version``), so one
+        bad artifact does not keep the service NOT_SERVING (``_load_previous``).
+        ``fraudscore_model_mismatch`` is 1 while the version serving is not the registry's active one."""
         record = await asyncio.to_thread(self.registry.active)
         current = self.scorer.serving
         _report_versions(record, current.version if current else None)
@@ -199,16 +200,27 @@ class ScoringServer:
         return ServingModel.of(record, model, self.model_options, self._executor)
 
     async def _load_previous(self, refused: ModelRecord) -> ServingModel | None:
-        """The newest other registered version (not retired) that loads, for a start whose active one does not."""
-        records = await asyncio.to_thread(self.registry.list)
-        for record in sorted(records, key=lambda r: (r.activated_at or r.created_at, r.created_at), reverse=True):
-            if record.version == refused.version or record.status == "retired":
-                continue
+        """For a start whose active version does not load: the first that loads of the versions active
+        before it, walking back (``Registry.previously_active``, from the audit log).
+
+        Never a version nobody activated (only registered with ``--no-activate``, shadowed, on canary): the
+        newest registered version was served before, and a damaged file put an unreviewed model on
+        every card. With none that loads, None and one ``model.no_version_loads`` line per active
+        version (not one per registry poll): the service stays NOT_SERVING, a load balancer sends
+        nothing to it, and its registry watcher serves the next version activated, as with an empty
+        registry. Exiting instead would put a supervisor into a restart loop that changes nothing."""
+        records = await asyncio.to_thread(self.registry.previously_active, refused.version)
+        for record in records:
             serving = await self._load(record, None)
             if serving is not None:
                 log.error("model.serving_previous_version", active=refused.version, serving=record.version,
                           fix="activate a version whose artifact loads (fraudscore model activate VERSION)")
                 return serving
+        if self._none_loads_logged != refused.version:
+            self._none_loads_logged = refused.version
+            log.error("model.no_version_loads", active=refused.version, tried=[r.version for r in records],
+                      health="NOT_SERVING",
+                      fix="activate a version whose artifact loads (fraudscore model activate VERSION)")
         return None
 
     async def _watch_registry(self) -> None:

@@ -69,3 +69,25 @@ def test_registry_errors_are_clear(db_url):
     with pytest.raises(RegistryError, match="review <= decline"):
         reg.register(version="bad", framework="xgboost", artifact_path="/x", sha256="0", feature_names=[],
                      thresholds={"review": 0.9, "decline": 0.1})
+
+
+def test_previously_active_walks_back_the_activations_and_leaves_out_versions_never_activated(db_url):
+    """The start's fallback order (``ScoringServer._load_previous``): the versions active before the
+    given one, most recently active first, from the audit log; a version only registered, or on a
+    canary that was ended (audited ``rollback`` too, without ``previous``), was never active."""
+    upgrade_schema(db_url)
+    reg = Registry(make_engine(db_url))
+    for version in ("xgb-a", "xgb-b", "xgb-c"):
+        _register(reg, version, activate=True)
+    _register(reg, "xgb-registered-only")
+    _register(reg, "xgb-canary")
+    reg.set_status("xgb-canary", "canary")
+    reg.end_canary()
+    assert [r.version for r in reg.previously_active("xgb-c")] == ["xgb-b", "xgb-a"]
+
+    reg.activate("xgb-a")  # a rollback by hand, then c again: a was active more recently than b
+    reg.activate("xgb-c")
+    assert [r.version for r in reg.previously_active("xgb-c")] == ["xgb-a", "xgb-b"]
+    reg.retire("xgb-a")
+    assert [r.version for r in reg.previously_active("xgb-c")] == ["xgb-b"]
+    assert reg.previously_active("xgb-b") == [reg.get("xgb-c")]  # the others' history from any version

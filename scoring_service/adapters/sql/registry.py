@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from scoring_service.adapters.sql.db import AuditEvent, ModelVersion, utcnow
 
 STATUSES = ("active", "shadow", "canary", "retired")  # canary: answers FRAUDSCORE_CANARY_SHARE of the cards
+_ACTIVATIONS = ("activate", "promote", "rollback")  # audit actions that make their subject the active version
 
 
 class RegistryError(Exception):
@@ -213,13 +214,40 @@ class Registry:
         if active is None:
             raise RegistryError("no active model to roll back from")
         with Session(self.engine) as session:
-            rows = session.scalars(select(AuditEvent).where(AuditEvent.action.in_(("activate", "rollback", "promote")),
+            rows = session.scalars(select(AuditEvent).where(AuditEvent.action.in_(_ACTIVATIONS),
                                                             AuditEvent.subject == active.version)
                                    .order_by(AuditEvent.id.desc()).limit(1)).all()
         previous = [v for v in (rows[0].details.get("previous") or []) if v != active.version] if rows else []
         if not previous:
             raise RegistryError(f"no version was active before {active.version!r}: nothing to roll back to")
         return str(previous[0])
+
+    def previously_active(self, version: str) -> builtins.list[ModelRecord]:
+        """The versions that were active before ``version``, the most recently active first, each
+        once; retired ones left out (retiring takes a version out of service on purpose).
+
+        A start whose active version does not load serves the first of these that does
+        (``ScoringServer``): the version active before it is the one the operators last trusted.
+        The newest registered version would not do: a version registered with ``--no-activate``,
+        or one only ever shadowed or on canary, was never put on every card by anyone, and a
+        damaged file would silently promote it. So the walk reads the audit log's activations
+        (``activate``, ``promote``, ``rollback``; each records the versions it replaced), not
+        ``created_at``; a canary's ``rollback`` (which retires it, recording no ``previous``) is no
+        activation."""
+        with Session(self.engine) as session:
+            events = session.scalars(select(AuditEvent).where(AuditEvent.action.in_(_ACTIVATIONS))
+                                     .order_by(AuditEvent.id.desc())).all()
+            order: builtins.list[str] = []  # the subject was active after the versions it replaced
+            for event in events:
+                details = event.details or {}
+                if "previous" not in details:
+                    continue
+                for name in (event.subject, *details["previous"]):
+                    if name != version and name not in order:
+                        order.append(str(name))
+            rows = {row.version: row for row in session.scalars(select(ModelVersion)
+                                                                .where(ModelVersion.version.in_(order)))}
+            return [ModelRecord.of(rows[name]) for name in order if name in rows and rows[name].status != "retired"]
 
     def audit_log(self, limit: int = 50) -> builtins.list[AuditEvent]:  # ``list`` here is the method above
         with Session(self.engine) as session:
