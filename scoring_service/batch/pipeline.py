@@ -7,7 +7,8 @@ each timed and recorded in ``batch_runs.details["phases"]``:
    (``scoring_service.core.events.nightly_window``, from the constants of ``core.features``).
 2. **read** (phase ``consume``): the window's events from the event source
    (``scoring_service.batch.sources.EventSource``: Kafka or a file); bad events are dead letters,
-   counted - a run never stops for them.
+   counted - a run never stops for them. A window without a single valid payment fails the run
+   (:class:`EmptyWindow`, recorded ``failed``, nothing written or switched), see below.
 3. **build entries** (phases ``features``/``score``/``explain``):
    ``scoring_service.core.entity_scoring.build_entries`` (the one definition of entity risk)
    with the active model.
@@ -22,6 +23,14 @@ Idempotent: entries are a pure function of the window's events and the model (``
 ``as_of``; duplicates of a transaction id are dropped; ties are broken by transaction id), so
 running the same window twice gives the same cache contents (under a new generation id).
 
+An empty window is a failure, not a run that succeeds with 0 entities: it means an ``--as-of``
+past the events, a wrong topic prefix or file, or producers that stopped, and each of those
+needs a person. Switching to an empty generation would make every card a cache miss at once;
+keeping the old generation while reporting success would let it age past the cache TTL
+(``FRAUDSCORE_CACHE_TTL_S``) with every run green, ``fraudscore_batch_last_success_timestamp_seconds``
+fresh and no alert. So the run fails (``fraudscore nightly`` exits 2, one ``error:`` line) and the
+previous generation keeps serving.
+
 The use case takes plain values and adapters (:class:`BatchAdapters`); ``scoring_service.bootstrap``
 builds them from the settings.
 """
@@ -29,6 +38,7 @@ builds them from the settings.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -53,6 +63,10 @@ Entries = tuple[dict[str, CacheEntry], dict[str, CacheEntry]]  # customers, term
 
 class BatchError(RuntimeError):
     """An expected failure of a batch run (no model, no Redis, Kafka unreachable, ...)."""
+
+
+class EmptyWindow(BatchError):
+    """The window held no valid payment: nothing to build (the module docstring says why this fails)."""
 
 
 @dataclass
@@ -111,7 +125,7 @@ def run_batch(adapters: BatchAdapters, *, job: str = "nightly", as_of: float | N
     run = _Run(adapters.runs, job, adapters.model.version, window, adapters.source.name, metrics)
     try:
         with Progress(job, enabled=show_progress, observer=metrics) as prog:
-            events = run.consumed(_read(adapters.source, window, run, prog))
+            events = _nonempty(run.consumed(_read(adapters.source, window, run, prog)), window, adapters.source.name)
             customers, terminals = _build(events, as_of, adapters.model, run, prog)
             items = entry_items(adapters.model.version, run.generation, customers, terminals)
             stats = _write(adapters.writer, items, run, prog)
@@ -129,8 +143,8 @@ def run_batch(adapters: BatchAdapters, *, job: str = "nightly", as_of: float | N
 def _check(source: EventSource) -> None:
     try:
         source.check()
-    except EventSourceError as exc:
-        raise BatchError(str(exc)) from None
+    except EventSourceError as exc:  # unreachable, a topic missing: said before a run is recorded
+        raise BatchError(f"{exc}; nothing recorded or switched, the previous cache generation keeps serving") from None
 
 
 def _read(source: EventSource, window: Window, run: _Run, prog: Progress) -> WindowEvents:
@@ -148,19 +162,31 @@ def _read(source: EventSource, window: Window, run: _Run, prog: Progress) -> Win
                                    f"({detail}); nothing switched, the previous cache generation keeps serving") from exc
 
 
+def _nonempty(events: WindowEvents, window: Window, source: str) -> WindowEvents:
+    """``events``, unless they hold no payment: :class:`EmptyWindow`, before anything is written."""
+    if len(events.payments):
+        return events
+    rejected = f", {events.dead_letters} dead letters" if events.dead_letters else ""
+    raise EmptyWindow(f"no payments in the window {_utc(window.start).isoformat()} to {_utc(window.end).isoformat()} "
+                      f"from {source} ({events.events_consumed} events read{rejected}); nothing switched, the previous "
+                      "cache generation keeps serving (an --as-of after the events, or payments no longer published?)")
+
+
 def _build(events: WindowEvents, as_of: float, model: ActiveModel, run: _Run, prog: Progress) -> Entries:
+    """Every entity's entry; the score phase counts the entities scored (``batch.phase_done`` items)."""
     timings: dict[str, float] = {}
-    with prog.phase("score", None):
-        entries = build_entries(events.payments, as_of, model.model, model.version, run.generation,
-                                typical_amount=model.typical_amount, timings=timings)
+    with prog.phase("score", None) as advance:
+        customers, terminals = build_entries(events.payments, as_of, model.model, model.version, run.generation,
+                                             typical_amount=model.typical_amount, timings=timings)
+        advance(len(customers) + len(terminals))
     run.phases.update({k: round(v, 3) for k, v in timings.items()})
-    return entries
+    return customers, terminals
 
 
 def _write(writer: CacheWriter, items: list[tuple[bytes, bytes]], run: _Run, prog: Progress) -> WriteStats:
     with run.timed("write"), prog.phase("write", len(items)) as advance:
         stats = writer.write_items(items, progress=advance)
-    run.details["write_keys_per_s"] = round(stats.keys_per_s)
+    run.details["write_keys_per_s"] = round(stats.keys_per_s) if math.isfinite(stats.keys_per_s) else None  # 0 s: no rate
     return stats
 
 

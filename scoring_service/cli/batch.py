@@ -35,8 +35,9 @@ def _print_result(result: Any, as_json: bool) -> None:
 
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Expected failures -> a message and exit 2 (1 for Kafka/Redis unavailable); no traceback."""
-    from scoring_service.adapters.kafka.kafka_io import KafkaUnavailable
+    """Expected failures -> a message and exit 2 (1 for Kafka/Redis unavailable); no traceback.
+    A missing topic is 2: the brokers answer, the prefix or the publishing is wrong."""
+    from scoring_service.adapters.kafka.kafka_io import KafkaUnavailable, TopicMissing
     from scoring_service.adapters.redis.cache_writer import CacheWriteError
     from scoring_service.adapters.sql.db import DatabaseUnavailable
     from scoring_service.batch.pipeline import BatchError
@@ -46,6 +47,8 @@ def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except (KafkaUnavailable, CacheWriteError, DatabaseUnavailable) as exc:
         fail(str(exc), 1)
+    except TopicMissing as exc:  # raised before a run (replay's offset bounds): nothing recorded or switched
+        fail(f"{exc}; nothing recorded or switched, the previous cache generation keeps serving")
     except BatchError as exc:
         fail(str(exc), 1 if "unreachable" in str(exc) or "Redis" in str(exc) else 2)
     except EventError as exc:
@@ -90,7 +93,10 @@ def register(app: typer.Typer) -> None:
         metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=1, max=65535,
                                                          help=METRICS_PORT_HELP)] = None,
     ) -> None:
-        """Rebuild the entity cache from the feature window's events; switch to it atomically."""
+        """Rebuild the entity cache from the feature window's events; switch to it atomically.
+
+        A window without payments (an --as-of after the events, producers stopped) fails with exit 2
+        and switches nothing: the previous cache generation keeps serving (docs/faults.md)."""
         from scoring_service import bootstrap
 
         settings = cli_settings(kafka_bootstrap=kafka, redis_url=redis_url, batch_metrics_port=metrics_port)

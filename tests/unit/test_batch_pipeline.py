@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -194,6 +195,30 @@ def test_an_unreachable_source_fails_before_anything_is_recorded_or_written():
     with pytest.raises(BatchError, match="unreachable"):
         run_batch(_adapters(FakeSource(_payments(), unreachable=True), writer, runs), as_of=AS_OF)
     assert runs.rows == {} and writer.calls == []
+
+
+def test_a_window_without_payments_fails_records_the_run_and_writes_or_switches_nothing():
+    """An ``--as-of`` past the events, or producers that stopped: a clear failure (the cache ages
+    towards its TTL, and a green run would hide it), never an empty generation made active."""
+    writer, runs = FakeWriter(active="old-gen"), FakeRuns()
+    with pytest.raises(BatchError, match=r"no payments in the window 2019-\S+ to 2019-\S+ from fake \(0 events read\); "
+                                         r"nothing switched, the previous cache generation keeps serving"):
+        run_batch(_adapters(FakeSource(_payments()), writer, runs), as_of=AS_OF + 400 * DAY, show_progress=False)
+    assert writer.calls == [] and writer.active == {}
+    (row,) = runs.rows.values()
+    assert row["status"] == "failed" and row["error"].startswith("no payments in the window")
+
+    only_dead = FakeSource(_payments(), dead_letters={"amount": 3})  # every event of the window rejected
+    with pytest.raises(BatchError, match=r"\(3 events read, 3 dead letters\)"):
+        run_batch(_adapters(only_dead, writer, runs), as_of=AS_OF + 400 * DAY, show_progress=False)
+    assert writer.calls == []
+
+
+def test_the_score_phase_logs_how_many_entities_it_scored(capfd):
+    result = run_batch(_adapters(FakeSource(_payments())), as_of=AS_OF, show_progress=False)
+    logged = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    [score] = [e for e in logged if e.get("event") == "batch.phase_done" and e["phase"] == "score"]
+    assert score["items"] == result.entities_scored == 10
 
 
 def test_replay_offsets_need_a_source_with_offsets():

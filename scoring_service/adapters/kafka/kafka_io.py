@@ -35,6 +35,11 @@ class KafkaUnavailable(EventSourceError):
     """The brokers cannot be reached (or do not answer) within the timeout."""
 
 
+class TopicMissing(EventSourceError):
+    """The brokers answer, but a topic to read does not exist: nothing published yet, or another prefix.
+    Not :class:`KafkaUnavailable`: waiting for the brokers, or restarting them, fixes nothing."""
+
+
 @dataclass(frozen=True, slots=True)
 class PartitionRange:
     topic: str
@@ -56,8 +61,9 @@ def admin(bootstrap: str) -> AdminClient:
     return AdminClient(_common(bootstrap))
 
 
-def check_reachable(bootstrap: str, timeout: float = 5.0) -> None:
-    """Raise :class:`KafkaUnavailable` with a clear message when no broker answers."""
+def check_reachable(bootstrap: str, timeout: float = 5.0, *, topics: Iterable[str] = ()) -> None:
+    """Raise :class:`KafkaUnavailable` with a clear message when no broker answers, and
+    :class:`TopicMissing` naming those of ``topics`` that do not exist (from the same metadata)."""
     if not bootstrap:
         raise KafkaUnavailable("no Kafka bootstrap servers configured")
     try:
@@ -66,6 +72,11 @@ def check_reachable(bootstrap: str, timeout: float = 5.0) -> None:
         raise KafkaUnavailable(f"Kafka at {bootstrap} is unreachable: {exc.args[0].str() if exc.args else exc}") from None
     if not md.brokers:
         raise KafkaUnavailable(f"Kafka at {bootstrap} answered with no brokers")
+    missing = [t for t in topics if t not in md.topics]
+    if missing:
+        raise TopicMissing(f"Kafka topic{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                           f"{'do' if len(missing) > 1 else 'does'} not exist on {bootstrap}: nothing published "
+                           "there yet (`fraudscore events publish`), or FRAUDSCORE_KAFKA_TOPIC_PREFIX names other topics")
 
 
 def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int = DEFAULT_PARTITIONS,
@@ -191,7 +202,7 @@ def resolve_window(bootstrap: str, topic: str, start_ms: int | None, end_ms: int
     """Offsets per partition for message timestamps in [start_ms, end_ms) (None = open end)."""
     parts = partitions if partitions is not None else partitions_of(bootstrap, topic, timeout)
     if not parts:
-        raise KafkaUnavailable(f"topic {topic!r} does not exist on {bootstrap}")
+        raise TopicMissing(f"Kafka topic {topic!r} does not exist on {bootstrap}")
     c = _consumer(bootstrap, "fraudscore-window-resolver")
     try:
         lows_highs = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout) for p in parts}
@@ -299,7 +310,7 @@ def newest_timestamp_before(bootstrap: str, topic: str, offsets: Mapping[int, in
 
 
 __all__ = [
-    "OFFSET_END", "EventProducer", "KafkaUnavailable", "PartitionRange",
+    "OFFSET_END", "EventProducer", "KafkaUnavailable", "PartitionRange", "TopicMissing",
     "check_reachable", "ensure_topics", "end_offsets", "newest_timestamp_before", "partitions_of",
     "publish_frame", "read_ranges", "resolve_window",
 ]

@@ -175,8 +175,9 @@ class KafkaEventSource:
         return "kafka"
 
     def check(self) -> None:
-        """Raise :class:`~kafka_io.KafkaUnavailable` when no broker answers (before a run records anything)."""
-        kafka_io.check_reachable(self.bootstrap)
+        """Raise :class:`~kafka_io.KafkaUnavailable` when no broker answers, :class:`~kafka_io.TopicMissing`
+        when the payments or labels topic does not exist (before a run records anything)."""
+        kafka_io.check_reachable(self.bootstrap, topics=(self.payments_topic, self.labels_topic))
 
     def with_offsets(self, offsets_from: Mapping[int, int] | None, offsets_to: Mapping[int, int] | None) -> KafkaEventSource:
         """The same source with the payments bounded by offsets (partitions not named: the time window)."""
