@@ -39,7 +39,7 @@ def test_scorer_port_dependencies_and_healthcheck(compose):
     assert scorer["healthcheck"]["test"][:3] == ["CMD", "python", "-c"]
     assert _is_grpc_health_check(scorer["healthcheck"]["test"][3])
     env = scorer["environment"]
-    assert env["REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?") and env["REDIS_URL"].endswith("}@redis:6379/0")
+    assert env["REDIS_URL"].startswith("redis://scorer:${REDIS_SCORER_PASSWORD:?") and env["REDIS_URL"].endswith("}@redis:6379/0")
     assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert env["FRAUDSCORE_DATABASE_URL"].startswith("postgresql+psycopg://fraudscore:${POSTGRES_PASSWORD:?")
 
@@ -112,16 +112,39 @@ def test_services_non_root_and_read_only(compose):
         assert user.split(":")[0] not in ("0", "root"), name
 
 
+REDIS_PASSWORDS = ("REDIS_ADMIN_PASSWORD", "REDIS_SCORER_PASSWORD", "REDIS_NIGHTLY_PASSWORD")
+
+
 def test_secrets_come_from_the_env_file_not_the_compose_file(compose):
     redis = compose["services"]["redis"]
-    assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
-    assert "$$REDIS_PASSWORD" in " ".join(redis["command"]) and "$$REDIS_PASSWORD" in " ".join(redis["healthcheck"]["test"])
+    for var in REDIS_PASSWORDS:  # read by deploy/redis/render-acl.sh inside the container
+        assert redis["environment"][var].startswith(f"${{{var}:?"), var
+    assert not any("PASSWORD" in part for part in redis["command"])  # never on a command line
+    assert "$$REDIS_ADMIN_PASSWORD" in " ".join(redis["healthcheck"]["test"])
     assert compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
     example = (REPO_ROOT / ".env.example").read_text()
-    for var in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+    for var in (*REDIS_PASSWORDS, "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
         assert re.search(rf"^{var}=change-me", example, re.M), var
     ignored = (REPO_ROOT / ".gitignore").read_text().splitlines()
     assert "/.env" in ignored or ".env" in ignored
+
+
+def test_redis_is_the_shipped_one_and_each_client_logs_in_as_its_own_user(compose):
+    """deploy/redis (the files deploy/k8s ships too and tests/integration/test_redis_acl.py starts):
+    the scorer as ``scorer``, the batch jobs as ``nightly``, the health check as ``admin``; the
+    migrations never reach Redis; maxmemory is set."""
+    redis = compose["services"]["redis"]
+    assert redis["volumes"] == ["./deploy/redis:/etc/fraudscore-redis:ro"]
+    assert redis["command"] == ["sh", "/etc/fraudscore-redis/start.sh"]
+    assert (REPO_ROOT / "deploy" / "redis" / "start.sh").is_file()
+    assert redis["environment"]["REDIS_MAXMEMORY"].startswith("${REDIS_MAXMEMORY:-")
+    assert redis["environment"]["REDIS_ACL_DIR"] in redis["tmpfs"]  # the rendered users never reach a disk
+    assert "redis-cli --user admin ping" in redis["healthcheck"]["test"][1]
+    services = compose["services"]
+    for name, user in (("scorer", "scorer"), ("nightly", "nightly")):
+        url = services[name]["environment"]["REDIS_URL"]
+        assert url.startswith(f"redis://{user}:${{REDIS_{user.upper()}_PASSWORD:?") and url.endswith("}@redis:6379/0")
+    assert "REDIS_URL" not in services["migrate"]["environment"]
 
 
 def test_no_top_level_name_for_docker_compose_1_29(compose):

@@ -18,6 +18,7 @@ from scoring_service.config import Settings
 from tests.servers.common import REPO_ROOT
 
 K8S = REPO_ROOT / "deploy" / "k8s"
+REDIS = REPO_ROOT / "deploy" / "redis"  # the cache Redis' files, shared with docker-compose.yml
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # the oldest supported minor (grpc probes, CronJob timeZone GA) and the newest
 ENV_OUTSIDE_SETTINGS = {"OMP_WAIT_POLICY"}  # read by libgomp, not by the service
 
@@ -103,7 +104,8 @@ def _settings_env_names() -> set[str]:
 def test_kustomization_lists_every_manifest():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == files
+    assert {r for r in kustomization["resources"] if r.endswith(".yaml")} == files
+    assert "../redis" in kustomization["resources"]  # the ConfigMap made of deploy/redis
     assert len(DOCS) >= 10
 
 
@@ -219,7 +221,7 @@ def test_pods_are_non_root_read_only_and_bounded():
 def test_services_hpa_and_batch_point_at_the_right_things():
     (deployment,) = _of_kind("Deployment")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    services = _of_kind("Service")
+    services = [s for s in _of_kind("Service") if s["spec"]["selector"]["app.kubernetes.io/name"] == "fraudscore"]
     assert {s["metadata"]["name"] for s in services} == {"fraudscore", "fraudscore-headless"}
     for s in services:
         assert s["spec"]["selector"].items() <= labels.items()
@@ -241,3 +243,81 @@ def test_services_hpa_and_batch_point_at_the_right_things():
 
 def test_docs_page_exists():
     assert Path(REPO_ROOT / "docs" / "deploy.md").is_file()
+
+
+# ---- the cache's Redis (redis.yaml, deploy/redis; docs/security.md "Redis users", docs/deploy.md "Redis memory")
+def _redis_pod() -> dict[str, Any]:
+    (redis,) = _of_kind("StatefulSet")
+    assert redis["metadata"]["name"] == "redis" and redis["spec"]["replicas"] == 1
+    return redis["spec"]["template"]["spec"]
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``8Gi``) or a Redis size (``6gb``, ``100mb``) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "kb": 2**10, "mb": 2**20, "gb": 2**30, "k": 10**3, "m": 10**6,
+             "g": 10**9}
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * units.get(unit, 1)
+
+
+def test_redis_runs_the_files_compose_runs():
+    generator = yaml.safe_load((REDIS / "kustomization.yaml").read_text())["configMapGenerator"]
+    (config,) = [g for g in generator if g["name"] == "fraudscore-redis"]
+    assert set(config["files"]) == {"start.sh", "render-acl.sh", "users.acl", "redis.conf"}
+    assert all((REDIS / f).is_file() for f in config["files"])
+    spec = _redis_pod()
+    (container,) = spec["containers"]
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]["redis"]
+    assert container["command"] == compose["command"] and container["image"] == compose["image"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    config_mount = next(m for m in mounts.values() if volumes[m["name"]].get("configMap"))
+    assert volumes[config_mount["name"]]["configMap"]["name"] == "fraudscore-redis"
+    assert compose["volumes"] == [f"./deploy/redis:{config_mount['mountPath']}:ro"] and config_mount["readOnly"]
+    env = _env(container)
+    acl_mount = next(m for m in mounts.values() if m["mountPath"] == env["REDIS_ACL_DIR"])
+    assert volumes[acl_mount["name"]]["emptyDir"]["medium"] == "Memory"  # the rendered users never reach a disk
+
+
+def test_redis_users_passwords_and_urls_come_from_the_secret():
+    (container,) = _redis_pod()["containers"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert set(refs) == {"REDIS_ADMIN_PASSWORD", "REDIS_SCORER_PASSWORD", "REDIS_NIGHTLY_PASSWORD"}
+    assert {r["name"] for r in refs.values()} == {"fraudscore-secrets"}
+    for name, spec in _pod_specs():  # each client with its own user's URL
+        for c in spec["containers"]:
+            url = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in c.get("env", []) if "valueFrom" in e}
+            if c["args"][0] == "serve":
+                assert url["REDIS_URL"] == "redis-url", name
+            elif c["args"][0] in ("nightly", "replay"):
+                assert url["REDIS_URL"] == "redis-url-nightly", name
+            else:
+                assert "REDIS_URL" not in url, name
+
+
+def test_redis_memory_is_bounded_below_its_limit_with_a_volatile_policy():
+    (container,) = _redis_pod()["containers"]
+    maxmemory = _bytes(_env(container)["REDIS_MAXMEMORY"])
+    limit = _bytes(container["resources"]["limits"]["memory"])
+    assert 0.5 * limit <= maxmemory <= 0.8 * limit  # room for fragmentation and client buffers
+    conf = dict(line.split(None, 1) for line in (REDIS / "redis.conf").read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    # volatile-*: keys without a TTL (the active-generation pointer) are never evicted
+    assert conf["maxmemory-policy"] == "volatile-ttl"
+    assert conf["save"] == '""' and conf["appendonly"] == "no"
+
+
+def test_redis_pod_is_non_root_read_only_and_reachable_only_from_fraudscore():
+    spec = _redis_pod()
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+    (container,) = spec["containers"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    (policy,) = [p for p in _of_kind("NetworkPolicy") if p["spec"]["podSelector"]["matchLabels"].get(
+        "app.kubernetes.io/name") == "redis"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"] and "egress" not in policy["spec"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "fraudscore"}}}]
+    (service,) = [s for s in _of_kind("Service") if s["metadata"]["name"] == "redis"]
+    assert service["spec"]["selector"] == {"app.kubernetes.io/name": "redis"}
