@@ -27,7 +27,7 @@ from scoring_service.core.integrity import MacKeyError, MacKeys
 from scoring_service.logging import get_logger, register_secret, set_log_id_key
 from scoring_service.online.admin import ADMIN_SERVICE
 from scoring_service.online.auth import Authenticator, AuthInterceptor, Security
-from scoring_service.online.options import ModelOptions, RequestOptions, ServerOptions
+from scoring_service.online.options import Clock, ModelOptions, RequestOptions, ServerOptions, TimeTrust
 from scoring_service.online.runtime import run_event_loop, serve_until_signalled
 from scoring_service.online.server import SERVICE_NAME, ModelLoader, ScoringServer
 from scoring_service.online.tls import check_paths, server_credentials
@@ -72,6 +72,8 @@ def entity_cache(settings: Settings, url: str) -> EntityCache:
         breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s),
         mac=cache_mac_keys(settings),
         cluster=settings.redis_cluster,
+        intraday_ttl_s=settings.intraday_ttl_s,
+        intraday_max_payments=settings.intraday_max_payments,
     )
 
 
@@ -221,6 +223,10 @@ def scoring_server(settings: Settings, redis_url: str | None) -> ScoringServer:
         server_options=server_options(settings),
         security=security(settings, redis_url),
     )
+    server.scorer.time_trust = TimeTrust(settings.clock, settings.max_clock_skew_s)
+    if settings.clock is Clock.EVENT:
+        log.warning("clock.event", note="velocity and the intraday order use the callers' timestamps: for replays and "
+                    "backtests only, never live traffic (FRAUDSCORE_CLOCK=service)")
     from scoring_service.online import telemetry  # metrics, drift, shadow/canary, traces (docs/observability.md)
 
     telemetry.instrument(server, telemetry.ObservabilityOptions(

@@ -13,9 +13,9 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from scoring_service.online.options import ReasonMethod, ScoringMode
+from scoring_service.online.options import Clock, ReasonMethod, ScoringMode
 
-__all__ = ["ReasonMethod", "ScoringMode", "Settings", "load_settings"]
+__all__ = ["Clock", "ReasonMethod", "ScoringMode", "Settings", "load_settings"]
 
 
 class Settings(BaseSettings):
@@ -63,6 +63,22 @@ class Settings(BaseSettings):
         True, description="Keep every scored payment in its card's intraday state (read in the same round trip) "
         "and judge the next payments with it; false: cached state only, no velocity rules.",
     )
+    intraday_ttl_s: int = Field(
+        3 * 86400, ge=3600, description="A card's intraday payments are kept this long after its last payment (Redis "
+        "TTL; older ones trimmed); at least the velocity rules' hour. docs/deploy.md sizes Redis with it.",
+    )
+    intraday_max_payments: int = Field(
+        1000, ge=10, description="Most intraday payments kept per card (the newest): bounds a card's Redis memory.",
+    )
+    clock: Clock = Field(
+        Clock.SERVICE, description="Whose time velocity and the intraday order use: service (the time the payment "
+        "is scored; the caller's timestamp only within max_clock_skew_s, for its features) or event (the caller's "
+        "timestamp, trusted: replays and backtests only). docs/security.md.",
+    )
+    max_clock_skew_s: float = Field(
+        300.0, ge=0, description="With clock=service: a caller's timestamp further than this from ours is replaced "
+        "by ours for the payment's features.",
+    )
     max_in_flight: int = Field(
         128, ge=1, description="Payments in flight per process (a ScoreBatch counts its items) past which calls get "
         "RESOURCE_EXHAUSTED at once, with grpc-retry-pushback-ms: about what one process answers in one budget.",
@@ -87,8 +103,10 @@ class Settings(BaseSettings):
         "default (1,000).",
     )
     fallback_min_decision: Literal["APPROVE", "REVIEW", "DECLINE"] = Field(
-        "REVIEW", description="The weakest decision of a FALLBACK answer (the model was skipped: overload, timeout). "
-        "REVIEW fails closed: an overloaded service never silently approves; APPROVE fails open.",
+        "REVIEW", description="The weakest decision of every degraded answer that lacks what it should know: a "
+        "FALLBACK (the model was skipped: overload, timeout), and a card or terminal a batch run knows whose state "
+        "could not be used (entry missing or rejected, cache unreadable). REVIEW fails closed; APPROVE fails open. "
+        "A new card's model answer stands.",
     )
     demo_model: bool | None = Field(
         None, description="With no active model at start, train the demo model on simulated payments. Unset: only in "

@@ -6,6 +6,7 @@ and a *generation*, so a nightly run never exposes a half-written cache::
     fs:1:{model_version}:active                  -> the active generation id
     fs:1:{model_version}:{generation}:c:{id}     -> a customer's entry (JSON)
     fs:1:{model_version}:{generation}:t:{id}     -> a terminal's entry (JSON)
+    fs:1:{model_version}:{generation}:manifest   -> the entities the generation holds (sealed, core.known_entities)
 
 and, apart from both (raw payments, the same for every model version and generation)::
 
@@ -73,6 +74,20 @@ def active_generation_key(model_version: str) -> str:
 
 def entity_key(model_version: str, generation: str, kind: EntityKind, entity_id: str) -> str:
     return f"fs:{SCHEMA}:{model_version}:{generation}:{kind}:{entity_id}"
+
+
+def manifest_key(model_version: str, generation: str) -> str:
+    """The generation's sealed list of the entities it holds (``core.known_entities``)."""
+    return f"fs:{SCHEMA}:{model_version}:{generation}:manifest"
+
+
+def entity_of_key(key: bytes | str) -> tuple[EntityKind, str] | None:
+    """(kind, id) of an :func:`entity_key` (None for any other key)."""
+    text = key.decode() if isinstance(key, bytes) else key
+    parts = text.split(":", 5)
+    if len(parts) != 6 or parts[0] != "fs" or parts[1] != SCHEMA or parts[4] not in (CUSTOMER, TERMINAL):
+        return None
+    return (CUSTOMER if parts[4] == CUSTOMER else TERMINAL), parts[5]
 
 
 def generation_pattern(model_version: str, generation: str) -> str:

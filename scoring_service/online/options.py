@@ -26,6 +26,24 @@ class ReasonMethod(StrEnum):
     APPROX = "approx"
 
 
+class Clock(StrEnum):
+    """Whose time velocity and the intraday order use (docs/security.md, "Time the service trusts").
+
+    ``service``: the time this process received the payment; the caller's timestamp is used for the
+    payment's own features only within ``max_clock_skew_s`` of it. ``event``: the caller's
+    timestamp, trusted: replays and backtests of history through ``Score()``, never live traffic.
+    """
+
+    SERVICE = "service"
+    EVENT = "event"
+
+
+@dataclass(frozen=True, slots=True)
+class TimeTrust:
+    clock: Clock = Clock.SERVICE
+    max_clock_skew_s: float = 300.0
+
+
 @dataclass(frozen=True, slots=True)
 class ModelOptions:
     """How a loaded model version is fed: reason method and micro-batching (loading: ``bootstrap.model_loader``)."""

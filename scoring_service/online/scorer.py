@@ -22,11 +22,21 @@ The budget (``budget_ms``, never beyond the caller's deadline) is enforced: a sl
 Redis is skipped (short timeout, circuit breaker) and the request goes on without the cache
 (``degraded``); a model that cannot answer inside the remaining budget gives a FALLBACK answer:
 the cached entity risk (0 when none) with the payment-level policy on top, flagged ``degraded``.
+
+What the answer trusts (docs/security.md, "Trust boundaries"): the time is ours (``trusted_time``);
+a card or terminal the batch's sealed manifest names whose entry is missing or rejected, or a known
+card whose cache could not be read, is answered degraded and at least ``fallback_min_decision``
+(``_state_lost``), never as a new card; the card's last hour as this process saw it is merged into
+its intraday list (``online/recent_payments.py``).
+
+Length: over 350 lines because every path of one answer (cache, model, fallback, lost state) and
+the one floor they share are read together here; the rest of the request path lives apart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 import zlib
@@ -35,20 +45,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from prometheus_client import Counter
 
 from scoring_service.adapters.model.gbdt import GbdtModel
-from scoring_service.adapters.redis.entity_cache import CUSTOMER, CacheEntry, CacheRead, CacheUnavailable, EntityCache
+from scoring_service.adapters.redis.entity_cache import (
+    CUSTOMER,
+    TERMINAL,
+    CacheEntry,
+    CacheRead,
+    CacheUnavailable,
+    EntityCache,
+)
 from scoring_service.adapters.sql.registry import ModelRecord
 from scoring_service.core import entity_scoring, features
 from scoring_service.core.cache_layout import BATCH, ONLINE
-from scoring_service.core.features.intraday import merged_customer_state, previous_times
+from scoring_service.core.features.intraday import IntradayPayment, merged_customer_state, previous_times
 from scoring_service.core.features.velocity import Velocity, velocity_of
 from scoring_service.core.policy import APPROVE, DECLINE, REVIEW, Policy, Reason, combine_entities
 from scoring_service.core.validation import Payment
 from scoring_service.logging import get_logger
 from scoring_service.online import telemetry, tracing
 from scoring_service.online.batcher import MicroBatcher, ModelFailed, Overloaded
-from scoring_service.online.options import ModelOptions, ReasonMethod, ScoringMode
+from scoring_service.online.options import Clock, ModelOptions, ReasonMethod, ScoringMode, TimeTrust
+from scoring_service.online.recent_payments import RecentPayments
 
 log = get_logger(__name__)
 
@@ -69,6 +88,11 @@ class Known:
     state: dict[str, float] | None
     velocity: Velocity | None
     trim_intraday: bool = True  # the card's intraday list needs trimming (unknown: trim)
+    # Why state a batch run holds for this payment's card or terminal could not be used (entry missing or
+    # rejected although the generation's manifest names the entity, or Redis unreadable for a known card):
+    # the answer is degraded and at least the floor (``Scorer.fallback_min_decision``). None: nothing lost.
+    lost: str | None = None
+    generation: str | None = None  # the cache generation read (None: none read)
 
     @property
     def from_batch(self) -> bool:
@@ -85,6 +109,12 @@ def in_canary(customer_id: str, share: float) -> bool:
     """Whether the card is in the canary's ``share`` of the cards: a stable hash (CRC-32) of its id,
     the same in every process and across restarts, so a card stays with one version."""
     return share > 0 and zlib.crc32(customer_id.encode()) % 10_000 < share * 10_000
+
+
+INTEGRITY = Counter("fraudscore_cache_integrity_total",
+                    "Payments whose card or terminal a batch run knows but whose state could not be used "
+                    "(entry missing or rejected, cache unreadable): answered degraded, at least the floor.", ["reason"])
+_INTEGRITY_LOG_EVERY_S = 10.0
 
 
 class NoModelLoaded(RuntimeError):
@@ -149,9 +179,11 @@ class Scorer:
 
     def __init__(
         self, cache: EntityCache | None, mode: ScoringMode = ScoringMode.CACHE_FIRST, intraday: bool = True,
-        fallback_min_decision: str = REVIEW,
+        fallback_min_decision: str = REVIEW, time_trust: TimeTrust | None = None,
     ) -> None:
         self.cache = cache
+        self.time_trust = time_trust or TimeTrust()
+        self.recent = RecentPayments()  # the cards' last hour as this process saw it (online/recent_payments.py)
         self.mode = mode
         self.fallback_min_decision = fallback_min_decision  # fail closed: a FALLBACK answer is at least this
         self.intraday = intraday  # False: no intraday reads or records (cached state only, velocity unknown)
@@ -159,6 +191,8 @@ class Scorer:
         self._background: set[asyncio.Task[None]] = set()
         self._fallbacks = 0  # FALLBACK answers since the last model.fallback line
         self._fallback_logged = -math.inf
+        self._integrity_unlogged: dict[str, int] = {}  # cache.integrity reasons since the last line
+        self._integrity_logged = -math.inf
         # online/shadow.py: the canary version and its share of the cards (in_canary); after each answer,
         # the observers (shadow scoring); each model row with its probability (live drift).
         self.canary: ServingModel | None = None
@@ -173,17 +207,36 @@ class Scorer:
         if serving is None:
             raise NoModelLoaded("no model loaded yet")
         canary = self.canary if self.canary is not None and in_canary(payment.customer_id, self.canary_share) else None
-        known_, degraded = known if known is not None else await self._read(serving.version, payment, deadline)
+        payment, at = self.trusted_time(payment)
+        known_, degraded = known if known is not None else await self._read(serving.version, payment, at, deadline)
         if self.cache is not None and self.intraday:
-            self.cache.record_payment(payment.customer_id, payment.timestamp, payment.amount, payment.transaction_id,
+            self.cache.record_payment(payment.customer_id, at, payment.amount, payment.transaction_id,
                                       trim=known_.trim_intraday)
+            self.recent.record(payment.customer_id, IntradayPayment(at, payment.amount, payment.transaction_id))
         if canary is None and known_.from_batch and self.mode is ScoringMode.CACHE_FIRST:
             result = self._from_cache(serving, payment, known_, degraded)
         else:  # a canary card is always scored by the canary model (the cache holds the active version's risks)
             result = await self._from_model(canary or serving, payment, known_, deadline, degraded)
+        if known_.lost is not None:
+            result = self._state_lost(canary or serving, result, known_.lost)
         for observe in self.observers:
             observe(payment, known_, result)
         return result
+
+    def trusted_time(self, payment: Payment) -> tuple[Payment, float]:
+        """(the payment with the timestamp its features use, the time its velocity and intraday order use).
+
+        The service's clock (default): velocity and the intraday list use the time the payment is
+        scored, whatever the caller stamped; the caller's timestamp is kept for the features only
+        within ``max_clock_skew_s`` of it, else replaced by ours. So 12 payments sent in one second
+        are 12 payments in one second, stamped two hours apart or not. ``event``: the caller's
+        timestamp for both (replays, backtests)."""
+        if self.time_trust.clock is Clock.EVENT:
+            return payment, payment.timestamp
+        now = time.time()
+        if abs(payment.timestamp - now) > self.time_trust.max_clock_skew_s:
+            payment = dataclasses.replace(payment, timestamp=now)
+        return payment, now
 
     async def read_many(self, payments: Sequence[Payment], deadline: float) -> list[tuple[Known, bool]]:
         """What the cache knows of each payment (as ``score`` reads it), in one round trip for all."""
@@ -199,10 +252,11 @@ class Scorer:
                     max(deadline - time.monotonic() - _ANSWER_MARGIN_S, 0.0), intraday=self.intraday)
         except CacheUnavailable as exc:
             self._count_unavailable(exc, len(payments))
-            return [(Known(None, None, None, None), True)] * len(payments)
-        return [self._known(serving.version, p, read) for p, read in zip(payments, reads, strict=True)]
+            return [self._unreadable(serving.version, p) for p in payments]
+        return [self._known(serving.version, p, at, read)
+                for (p, at), read in zip(map(self.trusted_time, payments), reads, strict=True)]
 
-    async def _read(self, version: str, payment: Payment, deadline: float) -> tuple[Known, bool]:
+    async def _read(self, version: str, payment: Payment, at: float, deadline: float) -> tuple[Known, bool]:
         """What the cache knows of the payment's card and terminal (one round trip), merged with
         the card's intraday payments; degraded when the cache could not be read in time."""
         if self.cache is None:
@@ -214,31 +268,57 @@ class Scorer:
                                              intraday=self.intraday)
         except CacheUnavailable as exc:
             self._count_unavailable(exc, 1)
-            return Known(None, None, None, None), True
-        return self._known(version, payment, read)
+            return self._unreadable(version, payment)
+        return self._known(version, payment, at, read)
+
+    def _unreadable(self, version: str, payment: Payment) -> tuple[Known, bool]:
+        """The cache could not be read: a card a batch run knows is judged without its history (floored)."""
+        assert self.cache is not None
+        lost = "cache_unavailable" if self.cache.knows(version, CUSTOMER, payment.customer_id) else None
+        return Known(None, None, None, None, lost=lost), True
 
     @staticmethod
     def _count_unavailable(exc: CacheUnavailable, lookups: int) -> None:
         telemetry.CACHE_LOOKUPS.labels("error").inc(lookups)
         telemetry.REDIS_ERRORS.labels("breaker_open" if "breaker" in str(exc) else "error").inc()
 
-    def _known(self, version: str, payment: Payment, read: CacheRead) -> tuple[Known, bool]:
+    def _known(self, version: str, payment: Payment, at: float, read: CacheRead) -> tuple[Known, bool]:
+        """What ``read`` knows for the payment, its intraday payments merged up to ``at`` (``trusted_time``)."""
+        assert self.cache is not None
         customer = read.customer
         telemetry.CACHE_LOOKUPS.labels("miss" if customer is None else "hit").inc()
+        if self.intraday:
+            intraday, erased = self.recent.merged(payment.customer_id, read.intraday, at)
+            if erased:
+                INTEGRITY.labels("intraday_missing").inc(erased)
+            read = dataclasses.replace(read, intraday=intraday)
         from_batch = customer is not None and customer.origin == BATCH
         try:
             state = merged_customer_state(
                 customer.state if from_batch and customer else None,
                 customer.computed_at if from_batch and customer else -math.inf,
-                read.intraday, payment.timestamp, payment.transaction_id,
+                read.intraday, at, payment.transaction_id,
             )
         except (KeyError, TypeError, ValueError) as exc:
             # An entry from another schema: score as unseen rather than fail the payment.
             log.warning("cache.malformed_entry", error=repr(exc), model_version=version)
-            return Known(None, None, None, None), False
-        velocity = (velocity_of(previous_times(read.intraday, payment.timestamp, payment.transaction_id), payment.timestamp)
+            return Known(None, None, None, None, generation=read.generation), False
+        velocity = (velocity_of(previous_times(read.intraday, at, payment.transaction_id), at)
                     if self.intraday else None)
-        return Known(customer, read.terminal, state, velocity, read.needs_trim(payment.timestamp)), False
+        lost = self._lost(version, payment, read)
+        return (Known(customer, read.terminal, state, velocity, self.cache.needs_trim(read, at), lost, read.generation),
+                lost is not None)
+
+    def _lost(self, version: str, payment: Payment, read: CacheRead) -> str | None:
+        """Why a batch run's state for the card or the terminal is not in ``read`` though its manifest
+        names the entity (``core.known_entities``): a deleted, forged or evicted entry. Misses only:
+        a hit needs no evidence."""
+        assert self.cache is not None
+        if read.customer is None and self.cache.knows(version, CUSTOMER, payment.customer_id, read.generation):
+            return "customer_rejected" if read.customer_rejected else "customer_missing"
+        if read.terminal is None and self.cache.knows(version, TERMINAL, payment.terminal_id, read.generation):
+            return "terminal_rejected" if read.terminal_rejected else "terminal_missing"
+        return None
 
     def _from_cache(self, serving: ServingModel, payment: Payment, known: Known, degraded: bool) -> ScoreResult:
         customer = known.customer
@@ -257,7 +337,7 @@ class Scorer:
         except (KeyError, TypeError, ValueError) as exc:
             # An entry from another schema: score as unseen rather than fail the payment.
             log.warning("cache.malformed_entry", error=repr(exc), model_version=serving.version)
-            known = Known(None, None, None, known.velocity)
+            known = dataclasses.replace(known, customer=None, terminal=None, state=None)  # lost is kept
             row = features.online_features(payment.amount, payment.timestamp, None, None)
         remaining = deadline - time.monotonic() - _ANSWER_MARGIN_S
         try:
@@ -271,14 +351,17 @@ class Scorer:
         if self.on_model_row is not None:
             self.on_model_row(serving.version, row, prob)
         risk, reasons = serving.policy.apply(prob, reasons, payment.amount, known.state, serving.top_k, known.velocity)
-        if known.customer is None and self.cache is not None and serving is self.serving:  # never a canary's risk
+        # A new card's entity risk is written back (never a canary's; never for a card whose batch state is lost:
+        # that would turn a deleted entry into a new card's)
+        if (known.customer is None and known.lost is None and known.generation is not None and self.cache is not None
+                and serving is self.serving):
             state = features.advance_customer_state(known.state, payment.amount, payment.timestamp)
-            task = asyncio.get_running_loop().create_task(self._write_back(serving, payment, state))
+            task = asyncio.get_running_loop().create_task(self._write_back(serving, payment, state, known.generation))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return ScoreResult(risk, serving.policy.decide(risk), MODEL, serving.version, reasons, time.time(), degraded)
 
-    async def _write_back(self, serving: ServingModel, payment: Payment, state: dict[str, float]) -> None:
+    async def _write_back(self, serving: ServingModel, payment: Payment, state: dict[str, float], generation: str) -> None:
         """A new card's entity risk (``core.entity_scoring``: its typical payment, never this
         payment's score), computed after the answer went out and written back for it."""
         assert self.cache is not None
@@ -291,7 +374,7 @@ class Scorer:
             return  # the card stays unknown to the cache; its next payment goes to the model again
         entry = CacheEntry(risk_score=float(risk), state=state, model_version=serving.version,
                            computed_at=payment.timestamp, reasons=list(reasons), origin=ONLINE,
-                           generation=self.cache.generation(serving.version))
+                           generation=generation)  # the generation it was read from, never a newer one
         self.cache.write_back(serving.version, [(CUSTOMER, payment.customer_id, entry)])
 
     def _log_fallback(self, reason: str, version: str) -> None:
@@ -303,6 +386,31 @@ class Scorer:
             log.warning("model.fallback", reason=reason, model_version=version, fallbacks=self._fallbacks)
             self._fallback_logged, self._fallbacks = now, 0
 
+    def _floor(self, serving: ServingModel, risk: float, reasons: list[Reason], code: str,
+               always: bool = False) -> tuple[float, list[Reason]]:
+        """``risk`` raised to the floor's threshold (``fallback_min_decision``), ``code`` first among the
+        reasons when it was raised (or when there were none, or ``always``)."""
+        floor = {APPROVE: 0.0, REVIEW: serving.policy.review, DECLINE: serving.policy.decline}[self.fallback_min_decision]
+        if risk < floor or not reasons or always:
+            risk = max(risk, floor)
+            reasons = [(code, "", 0.0), *reasons][: serving.top_k]
+        return risk, reasons
+
+    def _state_lost(self, serving: ServingModel, result: ScoreResult, reason: str) -> ScoreResult:
+        """A payment of an entity the batch knows, judged without its state: degraded, at least the floor
+        (the same floor as FALLBACK), counted and logged at most every ``_INTEGRITY_LOG_EVERY_S``."""
+        INTEGRITY.labels(reason).inc()
+        self._integrity_unlogged[reason] = self._integrity_unlogged.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._integrity_logged >= _INTEGRITY_LOG_EVERY_S:
+            log.warning("cache.integrity", model_version=serving.version, payments=self._integrity_unlogged,
+                        note="batch state missing or rejected for entities its manifest names: answered degraded, floored")
+            self._integrity_logged, self._integrity_unlogged = now, {}
+        risk, reasons = self._floor(serving, result.risk_score, result.reasons, "ENTITY_STATE_UNAVAILABLE",
+                                    always=True)
+        return ScoreResult(risk, serving.policy.decide(risk), result.source, result.model_version, reasons,
+                           result.scored_at, True)
+
     def _fallback(self, serving: ServingModel, payment: Payment, known: Known) -> ScoreResult:
         """The model could not answer in time: the cached entity risk (0 when none) with the
         payment-level policy on top, flagged degraded, and never a weaker decision than
@@ -310,10 +418,7 @@ class Scorer:
         silently approves what the model might have declined)."""
         base, reasons = known.entity_risk()
         risk, reasons = serving.policy.apply(base, reasons, payment.amount, known.state, serving.top_k, known.velocity)
-        floor = {APPROVE: 0.0, REVIEW: serving.policy.review, DECLINE: serving.policy.decline}[self.fallback_min_decision]
-        if risk < floor or not reasons:
-            risk = max(risk, floor)
-            reasons = [("MODEL_UNAVAILABLE", "", 0.0), *reasons][: serving.top_k]
+        risk, reasons = self._floor(serving, risk, reasons, "MODEL_UNAVAILABLE")
         return ScoreResult(risk, serving.policy.decide(risk), FALLBACK, serving.version, reasons, time.time(), True)
 
     async def drain(self) -> None:

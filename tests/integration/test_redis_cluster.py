@@ -112,8 +112,8 @@ def test_the_writer_s_generation_switch_old_until_the_switch_new_after(cluster: 
     assert cluster_writer.active_generation(cluster.url, version) == "g1"
     assert writer.switch_generation(version, "g2", [entity_key(version, "g2", TERMINAL, terminal).encode()]) == "g1"
     assert asyncio.run(read()) == (0.8, 0.9, "g2")
-    # The superseded generation is removed from every node; the pointer stays.
-    assert cluster_writer.delete_generation(cluster.url, version, "g1") == 2
+    # The superseded generation is removed from every node (its two entries and its manifest); the pointer stays.
+    assert cluster_writer.delete_generation(cluster.url, version, "g1") == 3
     assert cluster.client(cluster.owner_port(key_slot(active_generation_key(version)))).get(
         active_generation_key(version)) == b"g2"
 

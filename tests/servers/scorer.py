@@ -69,8 +69,10 @@ class ScorerProcess:
 
     def environment(self) -> dict[str, str]:
         # Authentication off unless a test turns it on (env): the functional tests call without keys.
+        # The callers' clock: most tests replay timelines of their own (handbook days, bursts stamped
+        # seconds apart), as a backtest does; tests of the live clock (test_steering.py) set "service".
         env = {**os.environ, "FRAUDSCORE_DATA_DIR": str(self.data_dir), "FRAUDSCORE_LOG_FORMAT": "json",
-               "OMP_WAIT_POLICY": "PASSIVE", "FRAUDSCORE_AUTH": "off", **self.env}
+               "OMP_WAIT_POLICY": "PASSIVE", "FRAUDSCORE_AUTH": "off", "FRAUDSCORE_CLOCK": "event", **self.env}
         env.pop("REDIS_URL", None)
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url

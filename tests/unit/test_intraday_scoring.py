@@ -21,7 +21,7 @@ from scoring_service.core.cache_layout import ONLINE, CacheEntry
 from scoring_service.core.policy import Policy
 from scoring_service.core.validation import Payment
 from scoring_service.online.batcher import MicroBatcher
-from scoring_service.online.options import ScoringMode
+from scoring_service.online.options import Clock, ScoringMode, TimeTrust
 from scoring_service.online.scorer import CACHE, MODEL, Scorer, ServingModel
 from tests.unit.test_scorer import FakeCache
 
@@ -63,7 +63,7 @@ def _score_all(scorer: Scorer, payments: list[Payment]):
 
 
 def _scorer(cache: FakeCache, seen: list[np.ndarray], mode: ScoringMode = ScoringMode.CACHE_FIRST) -> Scorer:
-    scorer = Scorer(cache, mode)
+    scorer = Scorer(cache, mode, time_trust=TimeTrust(Clock.EVENT))  # the tests' payments follow a timeline of their own
     scorer.serving = _serving(seen)
     return scorer
 
@@ -140,3 +140,26 @@ def test_with_intraday_state_off_the_service_keeps_and_reads_none():
     answers = _score_all(scorer, [_pay(i, 2.0, T0 + 3 * i) for i in range(1, 21)])
     assert cache.intraday == {} and all(a.decision == "APPROVE" for a in answers)
     assert all(row[NB_TX_1D] == 1.0 for row in seen if row[AMOUNT] == 2.0)  # each payment alone
+
+
+def test_a_burst_erased_from_the_cache_is_still_counted_from_this_process_memory():
+    """Issue 21, finding 2: ``DEL fs:1:intraday:c:<card>`` after a burst (here: the fake's list emptied)."""
+    cache, seen = FakeCache(), []
+    scorer = _scorer(cache, seen)
+    burst = _score_all(scorer, [_pay(i, 2.0, T0 + 3 * i) for i in range(1, 9)])
+    assert [a.decision for a in burst] == ["APPROVE"] * 4 + ["REVIEW"] * 4
+    cache.intraday.clear()
+    ninth, = _score_all(scorer, [_pay(9, 2.0, T0 + 27)])
+    assert ninth.decision == "REVIEW"
+    assert next(r[2] for r in ninth.reasons if r[0] == "CARD_VELOCITY_1H_HIGH") == 9.0
+
+
+def test_twelve_payments_in_one_second_stamped_hours_apart_count_as_a_burst_on_the_service_clock():
+    """Issue 21, finding 3: the caller's timestamps (two hours apart, ahead and back) do not spread a burst."""
+    cache, seen = FakeCache(), []
+    scorer = Scorer(cache)  # the default clock: ours
+    scorer.serving = _serving(seen)
+    now = time.time()
+    stamps = [now + (7200 if i % 2 else -7200) * i for i in range(12)]
+    answers = _score_all(scorer, [_pay(i, 2.0, t) for i, t in enumerate(stamps)])
+    assert [a.decision for a in answers] == ["APPROVE"] * 4 + ["REVIEW"] * 8

@@ -16,7 +16,7 @@ from scoring_service.core.features.intraday import IntradayPayment
 from scoring_service.core.policy import Policy
 from scoring_service.core.validation import Payment
 from scoring_service.online.batcher import MicroBatcher
-from scoring_service.online.options import ScoringMode
+from scoring_service.online.options import Clock, ScoringMode, TimeTrust
 from scoring_service.online.scorer import CACHE, FALLBACK, MODEL, Scorer, ServingModel
 
 POLICY = Policy(review=0.3, decline=0.7, high_amount=220.0, amount_ratio_review=3.0, amount_ratio_decline=5.0)
@@ -34,8 +34,9 @@ class FakeCache:
     """The EntityCache's interface in memory: entries, write-backs and intraday payments (deduplicated
     by transaction id, as the sorted set's members are)."""
 
-    def __init__(self, customer=None, terminal=None, fail=False):
+    def __init__(self, customer=None, terminal=None, fail=False, known=()):
         self.customer, self.terminal, self.fail = customer, terminal, fail
+        self.known = set(known)  # (kind, id) a batch generation's manifest names
         self.written = []
         self.intraday: dict[str, IntradayPayment] = {}
 
@@ -47,7 +48,13 @@ class FakeCache:
             raise CacheUnavailable("down")
         customer = self.customer or next((e for kind, _, e in self.written if kind == "c"), None)
         payments = sorted(self.intraday.values(), key=lambda p: p.timestamp) if intraday else []
-        return CacheRead(customer, self.terminal, payments)
+        return CacheRead(customer, self.terminal, payments, generation="0")
+
+    def knows(self, _version, kind, entity_id, _generation=None):
+        return (kind, entity_id) in self.known
+
+    def needs_trim(self, read, now):
+        return read.needs_trim(now)
 
     def record_payment(self, customer_id, timestamp, amount, transaction_id, trim=True):
         self.intraday.setdefault(transaction_id, IntradayPayment(timestamp, amount, transaction_id))
@@ -148,3 +155,55 @@ def test_a_malformed_cached_state_is_treated_as_unseen_not_an_error():
     entry = CacheEntry(0.05, {"unexpected": 1.0}, "v1", 123.0)
     result = _run(_scorer(FakeCache(customer=entry), mode=ScoringMode.ALWAYS_MODEL))
     assert result.source == MODEL and result.risk_score == 0.42
+
+
+# ---- issue 21: what the answer trusts (the batch's manifest, our clock, the floor)
+def test_a_known_card_whose_entry_is_missing_is_floored_never_scored_as_new_nor_written_back():
+    cache = FakeCache(known={("c", "c1")})
+    result = _run(_scorer(cache, prob=0.01))
+    assert result.degraded and result.decision == "REVIEW"  # the model's 0.01 would approve
+    assert result.reasons[0][0] == "ENTITY_STATE_UNAVAILABLE"
+    assert cache.written == []  # a deleted entry must not become a new card's
+
+
+def test_a_new_cards_model_answer_stands_without_the_floor():
+    cache = FakeCache(known={("c", "another-card")})
+    result = _run(_scorer(cache, prob=0.01))
+    assert (result.source, result.decision, result.degraded) == (MODEL, "APPROVE", False)
+    assert [kind for kind, _, _ in cache.written] == ["c"]
+
+
+def test_a_known_terminal_whose_entry_is_missing_floors_a_cached_card():
+    entry = CacheEntry(0.05, _state(), "v1", time.time())
+    result = _run(_scorer(FakeCache(customer=entry, known={("t", "m1")})))
+    assert (result.source, result.decision, result.degraded) == (CACHE, "REVIEW", True)
+
+
+def test_a_known_card_is_floored_when_the_cache_cannot_be_read_a_new_one_is_not():
+    known = _run(_scorer(FakeCache(fail=True, known={("c", "c1")}), prob=0.01))
+    assert (known.source, known.decision, known.degraded) == (MODEL, "REVIEW", True)
+    new = _run(_scorer(FakeCache(fail=True), prob=0.01))
+    assert (new.source, new.decision, new.degraded) == (MODEL, "APPROVE", True)
+
+
+def test_the_floor_of_lost_state_is_the_fallback_floor_and_configurable():
+    scorer = _scorer(FakeCache(known={("c", "c1")}), prob=0.01)
+    scorer.fallback_min_decision = "DECLINE"
+    assert _run(scorer).decision == "DECLINE"
+
+
+def test_the_service_clock_replaces_a_timestamp_past_the_skew_and_keeps_one_within():
+    scorer = Scorer(FakeCache())
+    now = time.time()
+    far, at = scorer.trusted_time(Payment("t", "c", "m", 1.0, "EUR", now - 7200))
+    assert abs(far.timestamp - now) < 5 and abs(at - now) < 5
+    near, at = scorer.trusted_time(Payment("t", "c", "m", 1.0, "EUR", now - 60))
+    assert near.timestamp == now - 60 and abs(at - now) < 5  # features: the caller's; velocity: ours
+    event = Scorer(FakeCache(), time_trust=TimeTrust(Clock.EVENT))
+    assert event.trusted_time(Payment("t", "c", "m", 1.0, "EUR", now - 7200))[1] == now - 7200
+
+
+def test_a_known_card_with_a_malformed_terminal_state_is_still_floored_and_not_written_back():
+    cache = FakeCache(terminal=CacheEntry(0.01, {"not": 1.0}, "v1", time.time()), known={("c", "c1")})
+    result = _run(_scorer(cache, prob=0.01))
+    assert result.degraded and result.decision == "REVIEW" and cache.written == []

@@ -33,10 +33,13 @@ from scoring_service.core.cache_layout import (
     CacheEntry,
     active_generation_key,
     entity_key,
+    entity_of_key,
     generation_pattern,
+    manifest_key,
     seal,
 )
 from scoring_service.core.integrity import MacKeys
+from scoring_service.core.known_entities import KnownEntities
 from scoring_service.logging import get_logger
 
 log = get_logger(__name__)
@@ -203,14 +206,23 @@ def delete_generation(url: str, model_version: str, generation: str, batch: int 
 class RedisCacheWriter:
     """The batch jobs' cache writer: the functions above bound to one Redis, TTL, pool size and MAC keys.
 
-    ``cluster=True``: the same through ``cluster_writer`` (a Redis Cluster; docs/redis-cluster.md)."""
+    ``cluster=True``: the same through ``cluster_writer`` (a Redis Cluster; docs/redis-cluster.md).
+
+    It remembers the entities of every key it wrote, per generation, and writes the generation's
+    sealed manifest (``core.known_entities``: what the scorer holds against a deleted or evicted
+    entry) just before switching to it: a generation is switched by the writer that wrote it."""
 
     def __init__(self, url: str, ttl_s: int, connections: int = 4, *, mac: MacKeys, cluster: bool = False) -> None:
         self.url, self.ttl_s, self.connections, self.mac = url, ttl_s, connections, mac
         self.cluster = cluster
+        self._written: dict[str, list[tuple[str, str]]] = {}  # generation -> (kind, id) of every entry written
 
     def write_items(self, items: Sequence[tuple[bytes, bytes]], progress: Callable[[int], None] | None = None) -> WriteStats:
         """SET every (key, encoded entry), sealed with the signing MAC key."""
+        for k, _ in items:
+            entity = entity_of_key(k)
+            if entity is not None:
+                self._written.setdefault(k.split(b":", 4)[3].decode(), []).append(entity)
         sealed = [(k, seal(self.mac, k, v)) for k, v in items]
         if self.cluster:
             from scoring_service.adapters.redis import cluster_writer
@@ -220,6 +232,18 @@ class RedisCacheWriter:
         return write_items(self.url, sealed, self.ttl_s, connections=self.connections, progress=progress)
 
     def switch_generation(self, model_version: str, generation: str, sample: Sequence[bytes]) -> str | None:
+        """Write the generation's sealed manifest, then point ``active`` at it (the previous generation)."""
+        key = manifest_key(model_version, generation)
+        manifest = seal(self.mac, key, KnownEntities.of(self._written.get(generation, ())).encode())
+        try:
+            if self.cluster:
+                from scoring_service.adapters.redis import cluster_writer
+
+                cluster_writer.set_value(self.url, key.encode(), manifest, self.ttl_s)
+            else:
+                redis.Redis.from_url(self.url, socket_timeout=30).set(key, manifest, ex=self.ttl_s)
+        except redis.RedisError as exc:
+            raise CacheWriteError(f"writing the manifest of generation {generation} failed: {exc}") from None
         if self.cluster:
             from scoring_service.adapters.redis import cluster_writer
 

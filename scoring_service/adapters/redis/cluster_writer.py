@@ -115,6 +115,15 @@ def active_generation(url: str, model_version: str) -> str | None:
         r.close()
 
 
+def set_value(url: str, key: bytes, value: bytes, ttl_s: int) -> None:
+    """One ``SET key value EX ttl_s`` on the key's node (a generation's manifest)."""
+    r = _connect(url, 30.0)
+    try:
+        r.set(key, value, ex=ttl_s)
+    finally:
+        r.close()
+
+
 def switch_generation(url: str, model_version: str, generation: str, sample: Iterable[bytes] = ()) -> str | None:
     """Point the model's active generation at ``generation`` (one SET, on the pointer's node); the previous one.
 

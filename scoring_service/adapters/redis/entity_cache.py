@@ -15,6 +15,13 @@ unseen, counted (``fraudscore_cache_mac_rejected_total``) and logged at most eve
 A payment's entries and the card's intraday set lie in different slots, so the read is ``GET`` +
 ``GET`` + ``ZRANGE`` instead of ``MGET`` + ``ZRANGE``, sent as one pipeline per node, concurrently:
 still one round trip of wall time.
+
+Each batch generation's sealed manifest (``core.known_entities``) is read and verified when the
+scorer switches to it (``refresh_generation``); ``knows`` answers whether a batch run wrote an
+entity, so a missing or rejected entry of a known entity is never read as a new card.
+
+Length: over 350 lines because the read, the write-back and the generation/manifest they both
+depend on share one connection and one breaker; splitting them would split that state.
 """
 
 from __future__ import annotations
@@ -41,12 +48,14 @@ from scoring_service.core.cache_layout import (
     entity_key,
     intraday_key,
     intraday_member,
+    manifest_key,
     open_sealed,
     parse_intraday_member,
     seal,
 )
 from scoring_service.core.features.intraday import IntradayPayment
 from scoring_service.core.integrity import MacKeys
+from scoring_service.core.known_entities import KnownEntities
 from scoring_service.logging import get_logger
 
 RedisError = (RedisReplyError, OSError, TimeoutError)  # ConnectionError is an OSError
@@ -58,6 +67,9 @@ MAC_REJECTED = Counter("fraudscore_cache_mac_rejected_total",
                        ["kind"])
 _REJECT_LOG_EVERY_S = 10.0
 _REJECTED_KEYS_KEPT = 10_000
+_MANIFEST_TIMEOUT_S = 10.0  # a manifest is 8 bytes an entity: tens of MB at tens of millions
+MANIFEST_STATE = Counter("fraudscore_cache_manifest_total",
+                         "Generation manifests read at a switch, by result (loaded, missing, rejected).", ["result"])
 
 
 class CircuitBreaker:
@@ -108,11 +120,14 @@ class CacheRead:
     customer: CacheEntry | None
     terminal: CacheEntry | None
     intraday: list[IntradayPayment]
+    customer_rejected: bool = False  # an entry was there but its seal did not verify
+    terminal_rejected: bool = False
+    generation: str = ONLINE_GENERATION  # the generation read (a write-back of this read goes there)
 
-    def needs_trim(self, now: float) -> bool:
+    def needs_trim(self, now: float, max_payments: int = INTRADAY_MAX_PAYMENTS, horizon_s: float = INTRADAY_HORIZON_S) -> bool:
         """The card's list holds payments past the horizon, or as many as are kept (oldest first)."""
-        return len(self.intraday) >= INTRADAY_MAX_PAYMENTS or (
-            bool(self.intraday) and self.intraday[0].timestamp < now - INTRADAY_HORIZON_S)
+        return len(self.intraday) >= max_payments or (
+            bool(self.intraday) and self.intraday[0].timestamp < now - horizon_s)
 
 
 def _intraday_payments(reply: list[bytes]) -> list[IntradayPayment]:
@@ -130,7 +145,8 @@ class CacheUnavailable(Exception):
 
 class EntityCache:
     def __init__(self, url: str, *, timeout_s: float, ttl_s: int, breaker: CircuitBreaker, mac: MacKeys,
-                 cluster: bool = False) -> None:
+                 cluster: bool = False, intraday_ttl_s: int = INTRADAY_HORIZON_S,
+                 intraday_max_payments: int = INTRADAY_MAX_PAYMENTS) -> None:
         # One pipelined connection for every request of this process (scoring_service/adapters/redis/resp.py),
         # or one per node of a Redis Cluster (cluster.py).
         options = {"connect_timeout_s": max(timeout_s, 0.5), "stale_after_s": max(1.0, 20 * timeout_s)}
@@ -139,6 +155,8 @@ class EntityCache:
                                                        else PipelinedRedis(url, **options))
         self.timeout_s = timeout_s
         self.ttl_s = ttl_s
+        self.intraday_ttl_s = intraday_ttl_s  # a card's intraday list: kept this long after its last payment,
+        self.intraday_max_payments = intraday_max_payments  # and at most this many (the newest)
         self.breaker = breaker
         self._generations: dict[str, str] = {}
         self._pending_writes: set[asyncio.Task[None]] = set()
@@ -146,6 +164,9 @@ class EntityCache:
         self._queued_payments: list[tuple[str, float, float, str, bool]] = []
         self._flush_scheduled = False
         self.mac = mac
+        # model version -> (generation, the entities its batch run wrote): the last manifest that verified
+        self._known: dict[str, tuple[str, KnownEntities]] = {}
+        self._manifest_failed: dict[str, str] = {}  # model version -> the generation whose manifest was missing/rejected
         self._rejected_keys: set[str] = set()  # customer keys whose entry did not verify: overwrite them
         self._rejects_unlogged = 0
         self._reject_logged_at = -_REJECT_LOG_EVERY_S
@@ -171,6 +192,49 @@ class EntityCache:
     def generation(self, model_version: str) -> str:
         return self._generations.get(model_version, ONLINE_GENERATION)
 
+    def needs_trim(self, read: CacheRead, now: float) -> bool:
+        return read.needs_trim(now, self.intraday_max_payments, self.intraday_ttl_s)
+
+    def knows(self, model_version: str, kind: EntityKind, entity_id: str, generation: str | None = None) -> bool:
+        """Whether a batch run wrote an entry for this entity (``core.known_entities``).
+
+        Before any batch generation (the online one): no. A batch generation whose manifest never
+        verified in this process (deleted, forged, or written by a nightly of an older release):
+        every entity may be known, so yes (fail closed; ``cache.manifest_missing`` says why).
+        A later generation whose manifest does not verify keeps the last one that did."""
+        if (self.generation(model_version) if generation is None else generation) == ONLINE_GENERATION:
+            return False
+        known = self._known.get(model_version)
+        return True if known is None else known[1].contains(kind, entity_id)
+
+    async def _load_manifest(self, model_version: str, generation: str) -> None:
+        """Read and verify ``generation``'s manifest; keep the previous one unless it verifies."""
+        key = manifest_key(model_version, generation)
+        try:
+            raw = await self._client.execute("GET", key, timeout_s=_MANIFEST_TIMEOUT_S)
+        except RedisError as exc:
+            log.warning("cache.manifest_unreadable", model_version=model_version, generation=generation,
+                        error=type(exc).__name__)
+            return
+        payload = open_sealed(self.mac, key, raw) if raw else None
+        try:
+            known = KnownEntities.decode(payload) if payload is not None else None
+        except ValueError:
+            known = None
+        if known is None:
+            self._manifest_failed[model_version] = generation  # said once per generation, not at every poll
+            result = "missing" if raw is None else "rejected"
+            MANIFEST_STATE.labels(result).inc()
+            previous = self._known.get(model_version)
+            log.error("cache.manifest_" + result, model_version=model_version, generation=generation,
+                      kept=previous[0] if previous else None,
+                      note="entities the batch knew are judged by the last manifest that verified; none: every "
+                           "cache miss is answered at least the degraded floor (run the nightly)")
+            return
+        MANIFEST_STATE.labels("loaded").inc()
+        self._known[model_version] = (generation, known)
+        log.info("cache.manifest_loaded", model_version=model_version, generation=generation, entities=len(known))
+
     async def refresh_generation(self, model_version: str) -> str:
         """Re-read which generation is active for ``model_version`` (one GET; breaker-guarded)."""
         if not self.breaker.allow():
@@ -185,6 +249,10 @@ class EntityCache:
         gen = raw.decode() if raw else ONLINE_GENERATION
         if self._generations.get(model_version) != gen:
             log.info("cache.generation", model_version=model_version, generation=gen)
+        known = self._known.get(model_version)
+        if (gen != ONLINE_GENERATION and (known is None or known[0] != gen)
+                and self._manifest_failed.get(model_version) != gen):
+            await self._load_manifest(model_version, gen)  # before the switch: no miss is judged without it
         self._generations[model_version] = gen
         return gen
 
@@ -228,22 +296,23 @@ class EntityCache:
         for i, (customer_key, terminal_key) in enumerate(keys):
             item = replies[i * per_item:(i + 1) * per_item]
             (raw_c, raw_t), rest = (item[:2], item[2:]) if self.cluster else (item[0], item[1:])
-            reads.append(CacheRead(
-                self._open(customer_key, CUSTOMER, raw_c),
-                self._open(terminal_key, TERMINAL, raw_t),
-                _intraday_payments(rest[0]) if intraday else [],
-            ))
+            customer, terminal = self._open(customer_key, CUSTOMER, raw_c), self._open(terminal_key, TERMINAL, raw_t)
+            reads.append(CacheRead(customer, terminal, _intraday_payments(rest[0]) if intraday else [],
+                                   customer is None and raw_c is not None, terminal is None and raw_t is not None,
+                                   gen))
         return reads
 
     def write_back(self, model_version: str, entries: Sequence[tuple[EntityKind, str, CacheEntry]]) -> None:
-        """Store freshly computed entries ((kind, id, entry)) in the background, under the active generation.
+        """Store freshly computed entries ((kind, id, entry)) in the background, under ``entry.generation``.
 
         Write-backs queued during one turn of the event loop go out together, in one pipeline
         (one task and one round trip for all the misses a busy loop answered at once)."""
         if not entries or self.breaker.state == "open":
             return
-        gen = self.generation(model_version)
-        self._queued.extend((entity_key(model_version, gen, kind, entity_id), entry) for kind, entity_id, entry in entries)
+        # Under the generation each entry was read from (a write-back that races a switch lands in the old one:
+        # it must never fill the place of a batch entry of the new generation)
+        self._queued.extend((entity_key(model_version, entry.generation, kind, entity_id), entry)
+                            for kind, entity_id, entry in entries)
         self._schedule_flush()
 
     def record_payment(self, customer_id: str, timestamp: float, amount: float, transaction_id: str, *,
@@ -283,10 +352,10 @@ class EntityCache:
             commands.append(("ZADD", key, "NX", repr(timestamp), intraday_member(amount, transaction_id)))
             if trim:
                 commands += [
-                    ("ZREMRANGEBYSCORE", key, "-inf", f"({timestamp - INTRADAY_HORIZON_S!r}"),
-                    ("ZREMRANGEBYRANK", key, 0, -(INTRADAY_MAX_PAYMENTS + 1)),
+                    ("ZREMRANGEBYSCORE", key, "-inf", f"({timestamp - self.intraday_ttl_s!r}"),
+                    ("ZREMRANGEBYRANK", key, 0, -(self.intraday_max_payments + 1)),
                 ]
-            commands.append(("EXPIRE", key, INTRADAY_HORIZON_S))
+            commands.append(("EXPIRE", key, self.intraday_ttl_s))
         if not commands:
             return
         try:
