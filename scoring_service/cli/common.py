@@ -16,7 +16,7 @@ err = Console(stderr=True)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` on stderr and exit with ``code`` (2: bad input, 1: a failed run)."""
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, whatever the terminal's width
     raise typer.Exit(code)
 
 

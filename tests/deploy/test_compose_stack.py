@@ -40,7 +40,7 @@ class Stack:
     compose: list[str]
     port: int
     env_file: Path
-    redis_password: str
+    redis_password: str  # the admin user's (deploy/redis/users.acl)
     api_key: str = ""
 
     def __call__(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
@@ -71,7 +71,8 @@ def stack(docker_ready: list[str], images: dict[str, int], tmp_path_factory: pyt
     redis_password = secrets.token_hex(16)
     port = free_port()
     env_file.write_text(
-        f"REDIS_PASSWORD={redis_password}\nPOSTGRES_PASSWORD={secrets.token_hex(16)}\n"
+        f"REDIS_ADMIN_PASSWORD={redis_password}\nREDIS_SCORER_PASSWORD={secrets.token_hex(16)}\n"
+        f"REDIS_NIGHTLY_PASSWORD={secrets.token_hex(16)}\nPOSTGRES_PASSWORD={secrets.token_hex(16)}\n"
         f"GRAFANA_ADMIN_PASSWORD={secrets.token_hex(16)}\nFRAUDSCORE_BIND=127.0.0.1\nFRAUDSCORE_PORT={port}\n"
         "FRAUDSCORE_TARGET=cpu\n"
     )
@@ -157,7 +158,8 @@ def test_compose_file_is_valid_for_compose_v2_and_docker_compose_1_29(stack):
 def test_redis_refuses_calls_without_the_password(stack):
     anonymous = stack("exec", "-T", "redis", "redis-cli", "ping", check=False)
     assert "NOAUTH" in anonymous.stdout + anonymous.stderr
-    authed = stack("exec", "-T", "-e", f"REDISCLI_AUTH={stack.redis_password}", "redis", "redis-cli", "ping")
+    authed = stack("exec", "-T", "-e", f"REDISCLI_AUTH={stack.redis_password}", "redis", "redis-cli", "--user", "admin",
+                   "ping")
     assert authed.stdout.strip() == "PONG"
 
 
