@@ -198,14 +198,15 @@ class EntityCache:
     def knows(self, model_version: str, kind: EntityKind, entity_id: str, generation: str | None = None) -> bool:
         """Whether a batch run wrote an entry for this entity (``core.known_entities``).
 
-        Before any batch generation (the online one): no. A batch generation whose manifest never
-        verified in this process (deleted, forged, or written by a nightly of an older release):
-        every entity may be known, so yes (fail closed; ``cache.manifest_missing`` says why).
-        A later generation whose manifest does not verify keeps the last one that did."""
-        if (self.generation(model_version) if generation is None else generation) == ONLINE_GENERATION:
-            return False
+        With a manifest verified in this process: what it says, whatever the pointer says now (a
+        pointer deleted, or a Redis restarted empty, does not make the batch's cards new). Without
+        one: before any batch generation (the online one), no; under a batch generation whose
+        manifest never verified here (deleted, forged, or written by a nightly of an older
+        release), every entity may be known, so yes (fail closed; ``cache.manifest_missing``)."""
         known = self._known.get(model_version)
-        return True if known is None else known[1].contains(kind, entity_id)
+        if known is not None:
+            return known[1].contains(kind, entity_id)
+        return (self.generation(model_version) if generation is None else generation) != ONLINE_GENERATION
 
     async def _load_manifest(self, model_version: str, generation: str) -> None:
         """Read and verify ``generation``'s manifest; keep the previous one unless it verifies."""
