@@ -33,16 +33,18 @@ import grpc
 import pytest
 import redis
 
+from scoring_service.adapters.redis.cache_writer import RedisCacheWriter
 from scoring_service.adapters.sql.registry import ModelRecord
 from scoring_service.bootstrap import registry as open_registry
 from scoring_service.config import Settings
 from scoring_service.core.cache_layout import CUSTOMER, CacheEntry, active_generation_key, entity_key
+from scoring_service.core.integrity import MacKeys
 from scoring_service.protos import scoring_pb2, scoring_pb2_grpc
 from tests.e2e.test_score_grpc import new_customer, request, usual_state
 from tests.servers.common import REPO_ROOT, free_port, stop_process, wait_for_port
 from tests.servers.delay_proxy import DelayProxy
 from tests.servers.postgres import PostgresServer, _pg_bin
-from tests.servers.redis import RedisServer, sealed_item
+from tests.servers.redis import TEST_CACHE_MAC_KEYS, RedisServer, sealed_item
 from tests.servers.scorer import ScorerProcess, serve_command
 
 pytestmark = pytest.mark.e2e
@@ -62,13 +64,19 @@ FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconne
 
 
 def seed_cached_card(redis_url: str, model_version: str, generation: str | None = None) -> str:
-    """A card a batch run knows (an entry in the active generation, set to ``generation`` when given)."""
-    client = redis.Redis.from_url(redis_url)
-    key = active_generation_key(model_version)
-    if generation is not None:
-        client.set(key, generation)
-    gen = (client.get(key) or b"0").decode()
+    """A card a batch run knows: with ``generation``, written and switched to by the batch jobs' writer
+    (the entry, the generation's manifest, the pointer); else an entry in the active generation."""
     customer = new_customer()
+    if generation is not None:
+        entry = CacheEntry(0.01, usual_state(20, 25.0), model_version, 1_700_000_000.0, [("LOW_RISK", "f", -1.0)],
+                           generation)
+        key = entity_key(model_version, generation, CUSTOMER, customer).encode()
+        writer = RedisCacheWriter(redis_url, ttl_s=3600, connections=1, mac=MacKeys.parse(TEST_CACHE_MAC_KEYS))
+        writer.write_items([(key, entry.encode())])
+        writer.switch_generation(model_version, generation, [key])
+        return customer
+    client = redis.Redis.from_url(redis_url)
+    gen = (client.get(active_generation_key(model_version)) or b"0").decode()
     entry = CacheEntry(0.01, usual_state(20, 25.0), model_version, 1_700_000_000.0, [("LOW_RISK", "f", -1.0)], gen)
     client.set(*sealed_item(entity_key(model_version, gen, CUSTOMER, customer), entry))
     client.close()
