@@ -29,13 +29,18 @@ throttling, a proxy).
   gRPC sets the server-side deadline when the call's headers arrive (arrival + the caller's
   timeout), so the call waited its timeout less its ``time_remaining()`` at the handler. Exact,
   per call, whatever the other calls on the connection send. Histogram
-  ``fraudscore_queue_wait_seconds``.
-* ``DeadlineWait``, for callers that send no timeout, only with ``queue_from_deadline=true``: per
-  caller (method and connection: the peer's address and port), the largest ``time_remaining()``
-  seen at the handler over the last ``window_s`` is taken for its timeout (a call that did not
-  wait); a call's wait is that minus its own ``time_remaining()``. A caller that sends different
-  timeouts on one connection (deadline propagation, a shared test channel) looks queued when it
-  sends a shorter one, and would be refused: so it is not the default.
+  ``fraudscore_queue_wait_seconds``. It is the caller's word, so it is believed only within the
+  bounds the call's own deadline sets (``agrees``): at least what remains of the deadline
+  (less grpc-core's rounding of it on the wire, 1 % + 2 ms), finite, at most an hour. A caller
+  that sent ``1`` used to have every wait taken for 0 and escaped the bound; a value out of
+  bounds (or malformed) is now measured like a call that sent none, per connection.
+* ``DeadlineWait``, for callers that send no timeout, only with ``queue_from_deadline=true``, and
+  for calls whose sent timeout is not believed, in both modes: per caller (method and connection:
+  the peer's address and port), the largest ``time_remaining()`` seen at the handler over the
+  last ``window_s`` is taken for its timeout (a call that did not wait); a call's wait is that
+  minus its own ``time_remaining()``. A caller that sends different timeouts on one connection
+  (deadline propagation, a shared test channel) looks queued when it sends a shorter one, and
+  would be refused: so it is not the default for callers that send nothing.
 * ``LoopLag``: a timer every ``interval_s``; how late it ran (histogram
   ``fraudscore_event_loop_lag_seconds``) is what any ready call waits per step on its way to the
   handler; the bound applies to two late samples in a row, so one pause is not taken for overload.
@@ -44,6 +49,7 @@ throttling, a proxy).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -68,6 +74,28 @@ QUEUE_WAIT = Histogram(
 )
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 TIMEOUT_KEY = TIMEOUT_HEADER  # the caller's timeout of this call, sent with it (one name, the client's)
+# grpc-core sends a call's timeout rounded up to three significant figures (grpc-timeout "1010m" for
+# 1,001 ms): up to 1 % more than the client's; 2 ms for the header's own rounding (0.1 ms) and the clocks.
+TIMEOUT_ROUNDING, TIMEOUT_SLACK_S = 0.01, 0.002
+MAX_SENT_TIMEOUT_S = 3600.0  # longer than any scoring call's timeout: a value past it is not a timeout
+
+
+def sent_timeout(metadata: Any) -> float | None:
+    """The timeout (s) the caller sent with the call (``TIMEOUT_KEY``): None when absent, NaN when
+    not a number."""
+    for key, value in metadata or ():
+        if key == TIMEOUT_KEY:
+            try:
+                return float(value) / 1000.0
+            except ValueError:
+                return math.nan
+    return None
+
+
+def agrees(sent: float, remaining: float) -> bool:
+    """Whether a sent timeout is one the call's own deadline allows: at least what is left of it
+    (``remaining``, past the wire's rounding), at most ``MAX_SENT_TIMEOUT_S`` (NaN: neither)."""
+    return remaining <= sent * (1.0 + TIMEOUT_ROUNDING) + TIMEOUT_SLACK_S and sent <= MAX_SENT_TIMEOUT_S
 
 
 class DeadlineWait:
@@ -135,10 +163,11 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
         self.max_queue_s = max_queue_s  # 0: no bound on the loop's lag
         self.lag = lag or LoopLag()
         # A call's wait before its handler, from its deadline: "auto" and True, by the timeout the
-        # caller sent with it (TIMEOUT_KEY); True, also per connection for callers that send none
-        # (DeadlineWait); False: neither (the loop's lag only).
+        # caller sent with it (TIMEOUT_KEY), or per connection (DeadlineWait) when its deadline
+        # contradicts that timeout; True, also per connection for callers that send none; False:
+        # neither (the loop's lag only).
         self.queue_from_deadline = queue_from_deadline
-        self.deadline_wait = DeadlineWait() if queue_from_deadline is True else None
+        self.deadline_wait = DeadlineWait()  # True: callers that send no timeout; both: those not believed
         self.max_in_flight = max_in_flight
         self.min_time_s = min_time_s
         self.pushback_ms = pushback_ms
@@ -228,17 +257,12 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
 
     def _queued(self, context: grpc.aio.ServicerContext, method: str, remaining: float) -> float | None:
         """How long the call waited between its arrival and its handler: its timeout (as its caller
-        sent it) less what is left of it; else, with ``queue_from_deadline=True``, per connection."""
-        for key, value in context.invocation_metadata() or ():
-            if key == TIMEOUT_KEY:
-                try:
-                    sent = float(value) / 1000.0
-                except ValueError:
-                    break
-                if sent >= 0:
-                    return max(0.0, sent - remaining)
-                break
-        if self.deadline_wait is None:
+        sent it, when its deadline agrees) less what is left of it; else per connection, for a sent
+        timeout that its deadline contradicts or, with ``queue_from_deadline=True``, none sent."""
+        sent = sent_timeout(context.invocation_metadata())
+        if sent is not None and agrees(sent, remaining):
+            return max(0.0, sent - remaining)
+        if sent is None and self.queue_from_deadline is not True:
             return None
         return self.deadline_wait.wait(f"{method} {context.peer()}", remaining, time.monotonic())
 

@@ -302,10 +302,11 @@ def test_by_default_a_call_s_wait_is_its_sent_timeout_less_what_is_left_whatever
         late = FakeContext(0.930, metadata=sent("1000"))  # a 1 s call with 930 ms left waited 70 ms
         await refused_with(handler, SimpleNamespace(), late, "wait 70 ms")
         assert late.code is grpc.StatusCode.RESOURCE_EXHAUSTED and len(calls) == 3
-        # a malformed or negative value, or none: not measured (the loop's lag still is)
+        # a malformed or negative value: measured per connection (the first call on it did not wait);
+        # none: not measured (the loop's lag still is)
         for md in (sent("soon"), sent("-5"), ()):
             assert await handler.unary_unary(SimpleNamespace(), FakeContext(0.5, metadata=md)) == "answer"
-        assert sum(s.value for s in QUEUE_WAIT.collect()[0].samples if s.name.endswith("_count")) == observed + 4
+        assert sum(s.value for s in QUEUE_WAIT.collect()[0].samples if s.name.endswith("_count")) == observed + 6
         off = AdmissionControl({SCORE}, max_in_flight=100, min_time_s=0.0, pushback_ms=40, max_queue_s=0.050,
                                queue_from_deadline=False)
         handler = await off.intercept_service(continuation, SimpleNamespace(method=SCORE))
@@ -340,5 +341,35 @@ def test_a_call_refused_for_time_is_never_decoded_nor_seen_by_the_other_intercep
         gate = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
         assert await gate.unary_unary(b"three", FakeContext()) == "three"
         assert continued == [SCORE, SCORE] and decoded == [b"one", b"three"]
+
+    asyncio.run(main())
+
+
+def test_a_sent_timeout_that_its_call_s_deadline_contradicts_is_not_believed_the_wait_is_measured_per_connection():
+    """Issue 21 (8): ``x-fraudscore-timeout-ms`` is the caller's word. A caller with 1 s deadlines
+    that sent ``1`` had every wait taken for 0, in any mode: it opted out of the queueing bound. A
+    sent timeout shorter than what its own deadline leaves (past the wire's rounding), not finite,
+    or over an hour is not believed; the call is measured per connection as one that sent none."""
+    async def main():
+        admission = AdmissionControl({SCORE}, max_in_flight=100, min_time_s=0.0, pushback_ms=40, max_queue_s=0.050)
+        handler, calls = await recording_handler(admission)
+
+        def sent(ms: str) -> tuple:
+            return ((TIMEOUT_KEY, ms),)
+
+        conn = "ipv4:10.0.0.9:40000"
+        assert await handler.unary_unary(SimpleNamespace(), FakeContext(0.999, conn, sent("1"))) == "answer"
+        late = FakeContext(0.899, conn, sent("1"))  # waited 100 ms before its handler, as the truth (1000) says
+        await refused_with(handler, SimpleNamespace(), late, "wait 100 ms")
+        assert late.code is grpc.StatusCode.RESOURCE_EXHAUSTED and len(calls) == 1
+        for ms in ("0", "800", "nan", "inf", "1e12", "-5", "soon"):
+            lie = FakeContext(0.899, conn, sent(ms))
+            await refused_with(handler, SimpleNamespace(), lie, "wait 100 ms")
+        # the truth is believed; so is a deadline that grpc-core rounded up on the wire (1 % at most)
+        assert await handler.unary_unary(SimpleNamespace(), FakeContext(0.899, conn, sent("899.5"))) == "answer"
+        other = "ipv4:10.0.0.9:40001"
+        assert await handler.unary_unary(SimpleNamespace(), FakeContext(1.009, other, sent("1000"))) == "answer"
+        late = FakeContext(0.930, other, sent("1000"))
+        await refused_with(handler, SimpleNamespace(), late, "wait 70 ms")
 
     asyncio.run(main())
