@@ -1,5 +1,6 @@
 """Callers must authenticate (issue 14): API keys with scopes, per-key rate limits shared by the
-workers through Redis, the admin RPC audited with the caller's identity, health open for probes.
+workers through Redis, the admin RPC audited with the caller's identity, health open for probes;
+a ScoreBatch costs its payments and failed authentication is limited per address (issue 21).
 
 One real `fraudscore serve --workers 2` with TLS and FRAUDSCORE_AUTH=required on its own SQLite
 registry (the e2e model's artifact registered twice), a real Redis, and the real CLI.
@@ -9,21 +10,28 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import socket
 import time
+import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner, Result
 
 from scoring_service.adapters.sql.keys import KeyStore
 from scoring_service.adapters.sql.registry import ModelRecord, Registry
 from scoring_service.bootstrap import key_store, registry
 from scoring_service.config import Settings
+from scoring_service.online.auth import FAILED_AUTH_BURST, FAILED_AUTH_PER_S
 from scoring_service.protos import admin_pb2, admin_pb2_grpc, scoring_pb2
 from tests.servers.certs import TestCA
+from tests.servers.common import free_port
 from tests.servers.scorer import ScorerProcess
 
 PEPPER = "test-pepper-0123456789abcdef"
@@ -33,6 +41,31 @@ V2 = "e2e-security-b"
 def _score(n: int = 1) -> scoring_pb2.ScoreRequest:
     return scoring_pb2.ScoreRequest(request_id=f"sec-{n}", transaction=scoring_pb2.Transaction(
         transaction_id=f"sec-tx-{n}", customer_id=f"sec-c-{n}", terminal_id="17", amount=12.5))
+
+
+def _two_free_ports() -> int:
+    """A port P such that P and P + 1 are free: worker i of ``--workers 2`` serves its metrics on P + i."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+def _metric(server: ScorerProcess, name: str, **labels: str) -> float:
+    """The sum over both workers' metrics endpoints of the samples ``name`` with ``labels``."""
+    first = int(server.env["FRAUDSCORE_METRICS_PORT"])
+    value = 0.0
+    for port in (first, first + 1):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            body = resp.read().decode()
+        for family in text_string_to_metric_families(body):
+            value += sum(s.value for s in family.samples
+                         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +96,7 @@ def server(sec_dir: Path, redis_url: str, ca: TestCA) -> Iterator[ScorerProcess]
     env = {"FRAUDSCORE_AUTH": "required", "FRAUDSCORE_KEY_PEPPER": PEPPER, "FRAUDSCORE_TLS_CERT": str(cert),
            "FRAUDSCORE_TLS_KEY": str(key), "FRAUDSCORE_AUTH_CACHE_TTL_S": "0.5", "FRAUDSCORE_REGISTRY_POLL_S": "0.5",
            "FRAUDSCORE_REDIS_TIMEOUT_MS": "200", "FRAUDSCORE_DRAIN_S": "0",
+           "FRAUDSCORE_METRICS_PORT": str(_two_free_ports()),
            # not about overload: the queueing bound would refuse calls delayed by a busy test machine
            "FRAUDSCORE_MAX_QUEUE_MS": "0"}
     # two workers load the model side by side: slow on a small, shared CI machine
@@ -229,3 +263,111 @@ def test_a_backtest_through_the_service_sends_its_key_over_tls(
     assert report["requests"] > 0 and report["errors"] == 0, report  # the window's payments, every one answered
     refused = cli(sec_dir, *args)
     assert refused.exit_code == 1 and "failed" in refused.output, refused.output
+
+
+def test_score_batch_costs_its_payments_so_a_key_gets_at_most_its_rate_by_any_mix(
+        server: ScorerProcess, keys: KeyStore) -> None:
+    """Issue 21 (5): a ScoreBatch used to cost ``min(items, burst)`` tokens, so batches larger than
+    the burst were scored at several times the key's rate. For a few seconds a key of 20/s (burst
+    10) sends, in turn, a Score, a ScoreBatch of its burst and one of four times its burst, each
+    sent again after the pushback while refused for the rate (as fraudscore_client does): the
+    payments scored stay within the bucket's bound (burst + rate x time), and the oversized batches
+    are refused at once with INVALID_ARGUMENT naming the burst (retrying them could never succeed)."""
+    rate, burst, seconds = 20.0, 10, 3.0
+    _, key = keys.create("batcher", ["score"], rate_per_s=rate, burst=burst)
+    md = (("x-api-key", key),)
+    scored, codes, oversized, sent_oversized = 0, Counter[str](), [], 0
+    with server.channel() as ch:
+        stub = server.stub(ch)
+
+        def send(items: int, n: int) -> int:
+            if items == 1:
+                stub.Score(_score(n), metadata=md, timeout=10)
+                return 1
+            batch = scoring_pb2.ScoreBatchRequest(requests=[_score(n + j) for j in range(items)])
+            return len(stub.ScoreBatch(batch, metadata=md, timeout=10).responses)
+
+        start, i = time.monotonic(), 0
+        while time.monotonic() - start < seconds:
+            items = (1, burst, 4 * burst)[i % 3]
+            sent_oversized += items > burst
+            while True:
+                try:
+                    scored += send(items, 10_000 + 100 * i)
+                    codes["OK"] += 1
+                except grpc.RpcError as exc:
+                    codes[exc.code().name] += 1
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        time.sleep(int(dict(exc.trailing_metadata() or ())["grpc-retry-pushback-ms"]) / 1000.0)
+                        continue
+                    if items > burst:
+                        oversized.append((exc.code(), exc.details()))
+                break
+            i += 1
+        elapsed = time.monotonic() - start
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"}, codes
+    # one bucket for the key (both workers): never more than it holds plus what refilled meanwhile
+    assert burst <= scored <= burst + rate * elapsed + 1, (scored, elapsed, codes)
+    assert len(oversized) == sent_oversized > 0, codes
+    assert all(code == grpc.StatusCode.INVALID_ARGUMENT and f"burst of {burst}" in details
+               for code, details in oversized), oversized
+
+
+def test_a_flood_of_wrong_keys_from_one_address_is_refused_past_its_budget_and_good_keys_still_score(
+        server: ScorerProcess, keys: KeyStore) -> None:
+    """Issue 21 (6): a wrong key cost a thread hop and a SQL lookup, unlimited. One connection (one
+    worker) sends 600 random well-formed keys, 16 in flight, with a good key's call every 40: the
+    address gets UNAUTHENTICATED for at most its failure budget (burst + rate x time, in that
+    worker), then RESOURCE_EXHAUSTED without a lookup, counted; the good key is answered OK
+    throughout, although its lookup expires (0.5 s here) and is made again during the flood. Once
+    the flood stops, a key new to the server is looked up again after the pushback.
+
+    Last in this file: it spends 127.0.0.1's budget in one worker (the wait at the end refills it)."""
+    time.sleep(FAILED_AUTH_BURST / FAILED_AUTH_PER_S)  # a full budget, whatever failed before (the backtest's)
+    _, good = keys.create("neighbour", ["score"])
+    good_md = (("x-api-key", good),)
+    n, in_flight = 600, 16
+    codes, good_codes, details, pushbacks = Counter[str](), [], set(), []
+    with server.channel() as ch:
+        stub = server.stub(ch)
+        assert code_of(stub.Score, _score(2000), metadata=good_md, timeout=10) == grpc.StatusCode.OK
+        refused_before = _metric(server, "fraudscore_auth_refused_total", reason="failure_budget")
+        lookups_before = _metric(server, "fraudscore_auth_lookups_total")
+        pending: list = []
+
+        def settle(call: grpc.Future) -> None:
+            try:
+                call.result()
+                codes["OK"] += 1
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+                details.add(exc.details())
+                pushbacks.append(dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms"))
+
+        start = time.monotonic()
+        for i in range(n):
+            wrong = (("x-api-key", "fsk_" + secrets.token_urlsafe(32)),)
+            pending.append(stub.Score.future(_score(3000 + i), metadata=wrong, timeout=10))
+            if len(pending) >= in_flight:
+                settle(pending.pop(0))
+            if i % 40 == 0:
+                good_codes.append(code_of(stub.Score, _score(5000 + i), metadata=good_md, timeout=10))
+        for call in pending:
+            settle(call)
+        elapsed = time.monotonic() - start
+        refused = _metric(server, "fraudscore_auth_refused_total", reason="failure_budget") - refused_before
+        lookups = _metric(server, "fraudscore_auth_lookups_total") - lookups_before
+        assert good_codes == [grpc.StatusCode.OK] * len(good_codes)
+        assert set(codes) == {"UNAUTHENTICATED", "RESOURCE_EXHAUSTED"}, codes
+        budget = FAILED_AUTH_BURST + FAILED_AUTH_PER_S * elapsed + 1
+        assert codes["UNAUTHENTICATED"] <= budget, (codes, elapsed)
+        assert refused == codes["RESOURCE_EXHAUSTED"] >= n - budget, (refused, codes)
+        # the wrong keys' lookups are within the budget too (the good key's revalidations add a few)
+        assert lookups <= budget + len(good_codes), (lookups, codes)
+        assert "unknown API key" in details and any("failed authentications from 127.0.0.1" in d for d in details)
+        waits = [int(p) for p in pushbacks if p is not None]
+        assert len(waits) == codes["RESOURCE_EXHAUSTED"] and all(w > 0 for w in waits)
+        time.sleep(max(waits) / 1000.0 + 0.05)
+        _, fresh = keys.create("newcomer", ["score"])
+        assert code_of(stub.Score, _score(9000), metadata=(("x-api-key", fresh),), timeout=10) == grpc.StatusCode.OK
+    time.sleep(FAILED_AUTH_BURST / FAILED_AUTH_PER_S)  # a full budget again for whatever runs next

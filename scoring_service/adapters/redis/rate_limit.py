@@ -93,6 +93,13 @@ class RateLimiter:
         self._local: dict[int, _LocalBucket] = {}
 
     async def take(self, key_id: int, rate: float, burst: int, cost: int = 1) -> Verdict:
+        """Take ``cost`` tokens (a ScoreBatch: one per payment) from the bucket of ``key_id``.
+
+        ValueError for a cost past the burst: the bucket never holds that much, so it would be
+        refused with a pushback that no wait honours (the caller refuses such a call itself, with
+        a status that says why: online/auth.py)."""
+        if cost > burst:
+            raise ValueError(f"a cost of {cost} tokens is more than the bucket's {burst}")
         if self._redis is not None and time.monotonic() >= self._down_until:
             try:
                 return await self._shared(key_id, rate, burst, cost)
