@@ -135,7 +135,10 @@ def test_redis_slowed_black_holed_or_reset_every_call_still_answers_and_the_brea
         for mode in ("delay", "blackhole", "reset"):
             # delay: 50 ms each way, a round trip of 100 ms against a 15 ms Redis timeout
             proxy.set_mode(mode, delay_s=0.05)
-            results = [score(stub, c) for _ in range(12) for c in (cached, new_customer())]
+            results = []
+            for _ in range(12):  # over 0.7 s, past the breaker's 0.5 s reset: its trial calls meet this mode too
+                results += [score(stub, c) for c in (cached, new_customer())]
+                time.sleep(0.06)
             codes = Counter(code for code, _ in results)
             assert codes == {"OK": len(results)}, (mode, codes)  # never UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED
             answers = [a for _, a in results if a is not None]
