@@ -54,13 +54,15 @@ def generation_contents(r, model: str, gen: str) -> dict[str, dict]:  # type: ig
     """Every entry of one cache generation, keyed by ``kind:id``, without the generation field."""
     import json
 
-    from scoring_service.core.cache_layout import generation_pattern, open_sealed
+    from scoring_service.core.cache_layout import entity_of_key, generation_pattern, open_sealed
     from scoring_service.core.integrity import MacKeys
     from tests.servers.redis import TEST_CACHE_MAC_KEYS
 
     keys = MacKeys.parse(TEST_CACHE_MAC_KEYS)  # the batch runs seal with the session's key (tests/conftest.py)
     out = {}
     for k in r.scan_iter(match=generation_pattern(model, gen), count=5000):
+        if entity_of_key(k) is None:
+            continue  # the generation's manifest (core.known_entities), not an entry
         payload = open_sealed(keys, k, r.get(k))
         assert payload is not None, f"{k!r}: not sealed with the configured MAC key"
         d = json.loads(payload)
