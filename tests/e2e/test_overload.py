@@ -37,6 +37,22 @@ def _request(amount: float) -> scoring_pb2.ScoreRequest:
     return r
 
 
+async def _answered_after_pushback(stub, metadata: tuple, refused: Counter, tries: int = 30) -> scoring_pb2.ScoreResponse:
+    """One call, retried as a well-behaved caller would while the service sheds (RESOURCE_EXHAUSTED,
+    after its pushback): a call made while a loaded machine's loop runs late is refused too (a CI run's
+    first, unqueued call met two late loop-lag samples over the 5 ms bound), and that refusal is not
+    what these tests measure."""
+    for _ in range(tries - 1):
+        try:
+            return await stub.Score(_request(10.0), timeout=3, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            refused["RESOURCE_EXHAUSTED"] += 1
+            await asyncio.sleep(int(dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms", "100")) / 1000)
+    return await stub.Score(_request(10.0), timeout=3, metadata=metadata)
+
+
 def test_past_the_bound_calls_are_shed_with_pushback_and_no_answer_fails_open(small_scorer):
     async def flood() -> tuple[Counter, list, list]:
         codes: Counter = Counter()
@@ -83,12 +99,14 @@ def queue_bound_scorer(request, model_data_dir: Path, redis_url: str) -> Iterato
 def test_calls_that_queued_before_the_handler_are_refused_with_pushback_and_logged(queue_bound_scorer):
     scorer, metadata = queue_bound_scorer
 
+    outside: Counter = Counter()  # refusals of the calls before and after the flood
+
     async def flood() -> tuple[Counter, list, list]:
         codes: Counter = Counter()
         details, answers = [], []
         async with grpc.aio.insecure_channel(scorer.address) as ch:
             stub = scoring_pb2_grpc.FraudScoringStub(ch)
-            await stub.Score(_request(10.0), timeout=3, metadata=metadata)  # the caller's deadline as seen unqueued
+            await _answered_after_pushback(stub, metadata, outside)  # the caller's deadline as seen unqueued
 
             async def one(i: int) -> None:
                 try:
@@ -100,6 +118,8 @@ def test_calls_that_queued_before_the_handler_are_refused_with_pushback_and_logg
 
             # 400 calls at once: at ~1 ms each, most wait far longer than 5 ms before their handler.
             await asyncio.gather(*(one(i) for i in range(400)))
+            # the queue gone, a call is answered again
+            assert (await _answered_after_pushback(stub, metadata, outside)).model_version
         return codes, details, answers
 
     codes, details, answers = asyncio.run(flood())
@@ -108,12 +128,11 @@ def test_calls_that_queued_before_the_handler_are_refused_with_pushback_and_logg
     # grpc took them all in before the first handler ran: every one had queued, every one refused)
     assert codes["RESOURCE_EXHAUSTED"] > 0
     assert all("before being handled" in d and pushback == "100" for d, pushback in details)
-    with grpc.insecure_channel(scorer.address) as ch:  # the queue gone, a call is answered again
-        assert scoring_pb2_grpc.FraudScoringStub(ch).Score(_request(10.0), timeout=3, metadata=metadata).model_version
     assert all(a.decision != scoring_pb2.APPROVE for a in answers if a.source == scoring_pb2.FALLBACK)
     refused = scorer.log_events("admission.refused")
     assert refused and {e["reason"] for e in refused} == {"queueing"}
-    assert sum(e["refused"] for e in refused) <= codes["RESOURCE_EXHAUSTED"]  # at most a line a second, with a count
+    # at most a line a second, with a count
+    assert sum(e["refused"] for e in refused) <= codes["RESOURCE_EXHAUSTED"] + outside["RESOURCE_EXHAUSTED"]
 
 
 def test_by_default_one_connection_s_different_timeouts_are_not_taken_for_queueing(small_scorer):
