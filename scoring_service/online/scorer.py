@@ -374,7 +374,7 @@ class Scorer:
             return  # the card stays unknown to the cache; its next payment goes to the model again
         entry = CacheEntry(risk_score=float(risk), state=state, model_version=serving.version,
                            computed_at=payment.timestamp, reasons=list(reasons), origin=ONLINE,
-                           generation=generation)  # the generation it was read from, never a newer one
+                           generation=generation)  # the batch generation it was read under (stored under "0")
         self.cache.write_back(serving.version, [(CUSTOMER, payment.customer_id, entry)])
 
     def _log_fallback(self, reason: str, version: str) -> None:

@@ -150,3 +150,42 @@ def test_read_many_reads_every_payment_in_one_round_trip_as_read_does_one(redis_
     assert [round(r.customer.risk_score, 1) if r.customer else None for r in many] == [0.0, None, 0.2, None, 0.4, None]
     assert [r.terminal.risk_score if r.terminal else None for r in many] == [0.77, None, None, 0.77, None, None]
     assert [p.transaction_id for p in many[1].intraday] == ["rm-tx-1"]
+
+
+def test_write_backs_go_to_the_online_generation_and_serve_only_cards_the_batch_does_not_know(redis_url: str) -> None:
+    """The scorer writes generation "0" only (its Redis user may write nothing else); under a batch
+    generation the same MGET reads a card's online entry, used for a card the manifest does not name
+    and never in place of a known card's missing batch entry."""
+    from scoring_service.adapters.redis.cache_writer import RedisCacheWriter, entry_items
+    from scoring_service.batch.pipeline import new_generation
+
+    version = f"{VERSION}-online"
+    mac = MacKeys.parse(TEST_CACHE_MAC_KEYS)
+    generation = new_generation(time.time(), 7)
+    writer = RedisCacheWriter(redis_url, ttl_s=600, connections=1, mac=mac)
+    items = entry_items(version, generation, {"c-known": _entry(0.97)}, {"t-1": _entry(0.1)})
+    writer.write_items(items)
+    writer.switch_generation(version, generation, [items[0][0]])
+    r = redis.Redis.from_url(redis_url)
+
+    async def run() -> tuple[CacheRead, CacheRead, CacheRead]:
+        cache = _cache(redis_url)
+        try:
+            assert await cache.refresh_generation(version) == generation
+            for card, score in (("c-new", 0.02), ("c-known", 0.01)):  # c-known's: as a forger with the MAC key would
+                cache.write_back(version, [(CUSTOMER, card, _entry(score))])
+            await cache.drain()
+            new = await cache.read(version, "c-new", "t-1", 0.5)
+            known = await cache.read(version, "c-known", "t-1", 0.5)
+            r.delete(entity_key(version, generation, CUSTOMER, "c-known"))  # the batch entry gone (DEL, eviction)
+            lost = await cache.read(version, "c-known", "t-1", 0.5)
+            return new, known, lost
+        finally:
+            await cache.close()
+
+    new, known, lost = asyncio.run(run())
+    assert r.exists(entity_key(version, ONLINE_GENERATION, CUSTOMER, "c-new"))
+    assert not r.exists(entity_key(version, generation, CUSTOMER, "c-new"))  # never under the batch generation
+    assert new.customer is not None and new.customer.risk_score == 0.02 and new.generation == generation
+    assert known.customer is not None and known.customer.risk_score == 0.97  # the batch entry wins
+    assert lost.customer is None and not lost.customer_rejected  # the online entry does not stand in for it

@@ -16,6 +16,10 @@ A payment's entries and the card's intraday set lie in different slots, so the r
 ``GET`` + ``ZRANGE`` instead of ``MGET`` + ``ZRANGE``, sent as one pipeline per node, concurrently:
 still one round trip of wall time.
 
+The scorer writes only the online generation "0" (a card no batch run knows, after its first
+payment); under a batch generation a read also fetches the card's online entry in the same
+``MGET`` and uses it only for a card that generation's manifest does not name.
+
 Each batch generation's sealed manifest (``core.known_entities``) is read and verified when the
 scorer switches to it (``refresh_generation``); ``knows`` answers whether a batch run wrote an
 entity, so a missing or rejected entry of a known entity is never read as a new card.
@@ -122,7 +126,7 @@ class CacheRead:
     intraday: list[IntradayPayment]
     customer_rejected: bool = False  # an entry was there but its seal did not verify
     terminal_rejected: bool = False
-    generation: str = ONLINE_GENERATION  # the generation read (a write-back of this read goes there)
+    generation: str = ONLINE_GENERATION  # the batch generation read ("0": none yet)
 
     def needs_trim(self, now: float, max_payments: int = INTRADAY_MAX_PAYMENTS, horizon_s: float = INTRADAY_HORIZON_S) -> bool:
         """The card's list holds payments past the horizon, or as many as are kept (oldest first)."""
@@ -272,16 +276,21 @@ class EntityCache:
         if not self.breaker.allow():
             raise CacheUnavailable("circuit breaker open")
         gen = self.generation(model_version)
-        keys = [(entity_key(model_version, gen, CUSTOMER, customer_id), entity_key(model_version, gen, TERMINAL, terminal_id))
+        # Under a batch generation, a card's online entry (generation "0", the only one the scorer
+        # writes) is read too, for a card that batch run does not know.
+        online = gen != ONLINE_GENERATION
+        keys = [(entity_key(model_version, gen, CUSTOMER, customer_id), entity_key(model_version, gen, TERMINAL, terminal_id),
+                 entity_key(model_version, ONLINE_GENERATION, CUSTOMER, customer_id) if online else None)
                 for customer_id, terminal_id in pairs]
-        # A cluster: the two keys lie in different slots (MGET would be refused: CROSSSLOT).
-        per_item = (2 if self.cluster else 1) + (1 if intraday else 0)
+        # A cluster: the keys lie in different slots (MGET would be refused: CROSSSLOT).
+        per_item = (2 + online if self.cluster else 1) + (1 if intraday else 0)
         commands: list[tuple[Arg, ...]] = []
-        for (customer_key, terminal_key), (customer_id, _) in zip(keys, pairs, strict=True):
+        for (customer_key, terminal_key, online_key), (customer_id, _) in zip(keys, pairs, strict=True):
+            entry_keys = (customer_key, terminal_key) if online_key is None else (customer_key, terminal_key, online_key)
             if self.cluster:
-                commands += [("GET", customer_key), ("GET", terminal_key)]
+                commands += [("GET", key) for key in entry_keys]
             else:
-                commands.append(("MGET", customer_key, terminal_key))
+                commands.append(("MGET", *entry_keys))
             if intraday:
                 commands.append(("ZRANGE", intraday_key(customer_id), 0, -1, "WITHSCORES"))
         try:
@@ -293,26 +302,32 @@ class EntityCache:
             self.breaker.failure()
             raise CacheUnavailable(type(exc).__name__) from exc
         self.breaker.success()
+        width = 2 + online
         reads = []
-        for i, (customer_key, terminal_key) in enumerate(keys):
+        for i, ((customer_key, terminal_key, online_key), (customer_id, _)) in enumerate(zip(keys, pairs, strict=True)):
             item = replies[i * per_item:(i + 1) * per_item]
-            (raw_c, raw_t), rest = (item[:2], item[2:]) if self.cluster else (item[0], item[1:])
+            raws, rest = (item[:width], item[width:]) if self.cluster else (item[0], item[1:])
+            raw_c, raw_t = raws[0], raws[1]
             customer, terminal = self._open(customer_key, CUSTOMER, raw_c), self._open(terminal_key, TERMINAL, raw_t)
+            rejected = customer is None and raw_c is not None
+            if customer is None and online_key is not None and not self.knows(model_version, CUSTOMER, customer_id, gen):
+                # a card this batch run never saw: the write-back of its first payment, if any (a card the
+                # batch knows is judged by the batch's entry alone: its absence is lost state, not a new card)
+                customer = self._open(online_key, CUSTOMER, raws[2])
             reads.append(CacheRead(customer, terminal, _intraday_payments(rest[0]) if intraday else [],
-                                   customer is None and raw_c is not None, terminal is None and raw_t is not None,
-                                   gen))
+                                   rejected, terminal is None and raw_t is not None, gen))
         return reads
 
     def write_back(self, model_version: str, entries: Sequence[tuple[EntityKind, str, CacheEntry]]) -> None:
-        """Store freshly computed entries ((kind, id, entry)) in the background, under ``entry.generation``.
+        """Store freshly computed entries ((kind, id, entry)) in the background, under the online
+        generation "0" whatever generation is active: the scorer never writes a batch generation's
+        keys (its Redis user may not, deploy/redis/users.acl), and a batch entry always wins.
 
         Write-backs queued during one turn of the event loop go out together, in one pipeline
         (one task and one round trip for all the misses a busy loop answered at once)."""
         if not entries or self.breaker.state == "open":
             return
-        # Under the generation each entry was read from (a write-back that races a switch lands in the old one:
-        # it must never fill the place of a batch entry of the new generation)
-        self._queued.extend((entity_key(model_version, entry.generation, kind, entity_id), entry)
+        self._queued.extend((entity_key(model_version, ONLINE_GENERATION, kind, entity_id), entry)
                             for kind, entity_id, entry in entries)
         self._schedule_flush()
 
