@@ -93,6 +93,7 @@ class Known:
     # the answer is degraded and at least the floor (``Scorer.fallback_min_decision``). None: nothing lost.
     lost: str | None = None
     generation: str | None = None  # the cache generation read (None: none read)
+    at: float | None = None  # the payment's trusted time its intraday payments were merged up to (None: no read)
 
     @property
     def from_batch(self) -> bool:
@@ -207,7 +208,8 @@ class Scorer:
         if serving is None:
             raise NoModelLoaded("no model loaded yet")
         canary = self.canary if self.canary is not None and in_canary(payment.customer_id, self.canary_share) else None
-        payment, at = self.trusted_time(payment)
+        # a ScoreBatch's items were read (read_many) at the time they are scored at: the same clock reading
+        payment, at = self.trusted_time(payment, known[0].at if known is not None else None)
         known_, degraded = known if known is not None else await self._read(serving.version, payment, at, deadline)
         if self.cache is not None and self.intraday:
             self.cache.record_payment(payment.customer_id, at, payment.amount, payment.transaction_id,
@@ -223,17 +225,18 @@ class Scorer:
             observe(payment, known_, result)
         return result
 
-    def trusted_time(self, payment: Payment) -> tuple[Payment, float]:
+    def trusted_time(self, payment: Payment, now: float | None = None) -> tuple[Payment, float]:
         """(the payment with the timestamp its features use, the time its velocity and intraday order use).
 
         The service's clock (default): velocity and the intraday list use the time the payment is
         scored, whatever the caller stamped; the caller's timestamp is kept for the features only
         within ``max_clock_skew_s`` of it, else replaced by ours. So 12 payments sent in one second
         are 12 payments in one second, stamped two hours apart or not. ``event``: the caller's
-        timestamp for both (replays, backtests)."""
+        timestamp for both (replays, backtests). ``now``: the service's time to use (default: read the clock)."""
         if self.time_trust.clock is Clock.EVENT:
             return payment, payment.timestamp
-        now = time.time()
+        if now is None:
+            now = time.time()
         if abs(payment.timestamp - now) > self.time_trust.max_clock_skew_s:
             payment = dataclasses.replace(payment, timestamp=now)
         return payment, now
@@ -306,7 +309,7 @@ class Scorer:
         velocity = (velocity_of(previous_times(read.intraday, at, payment.transaction_id), at)
                     if self.intraday else None)
         lost = self._lost(version, payment, read)
-        return (Known(customer, read.terminal, state, velocity, self.cache.needs_trim(read, at), lost, read.generation),
+        return (Known(customer, read.terminal, state, velocity, self.cache.needs_trim(read, at), lost, read.generation, at),
                 lost is not None)
 
     def _lost(self, version: str, payment: Payment, read: CacheRead) -> str | None:

@@ -203,6 +203,32 @@ def test_the_service_clock_replaces_a_timestamp_past_the_skew_and_keeps_one_with
     assert event.trusted_time(Payment("t", "c", "m", 1.0, "EUR", now - 7200))[1] == now - 7200
 
 
+def test_a_scorebatch_item_is_recorded_at_the_time_it_was_read_at(monkeypatch):
+    # read_many merges each item's intraday payments up to the service's time; score() records the
+    # payment at that same time (one clock reading per item, not a second one)
+    class ManyCache(FakeCache):
+        async def read_many(self, _version, pairs, _timeout, intraday=True):
+            return [await self.read() for _ in pairs]
+
+    cache = ManyCache()
+    scorer = _scorer(cache)
+    clock = iter([1_000.0, 2_000.0, 3_000.0])
+    monkeypatch.setattr("scoring_service.online.scorer.time.time", lambda: next(clock))
+    payment = Payment("t9", "c9", "m1", 30.0, "EUR", 1_000.0)
+
+    async def main():
+        scorer.serving.batcher.start()
+        try:
+            [known] = await scorer.read_many([payment], time.monotonic() + 0.1)
+            await scorer.score(payment, time.monotonic() + 0.1, known)
+            return known
+        finally:
+            await scorer.serving.batcher.stop()
+
+    known = asyncio.run(main())
+    assert known[0].at == 1_000.0 and cache.intraday["t9"].timestamp == 1_000.0
+
+
 def test_a_known_card_with_a_malformed_terminal_state_is_still_floored_and_not_written_back():
     cache = FakeCache(terminal=CacheEntry(0.01, {"not": 1.0}, "v1", time.time()), known={("c", "c1")})
     result = _run(_scorer(cache, prob=0.01))
