@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from scoring_service.cli.common import console, fail
 
@@ -68,6 +67,7 @@ def score(
     from datetime import UTC, datetime
 
     from google.protobuf.json_format import MessageToDict
+    from rich.table import Table
 
     with _client(address, timeout, tls_ca, tls_cert, tls_key, tls_server_name, api_key, retries) as client:
         result = client.score(customer, terminal, amount, transaction_id=transaction_id,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
 
-from scoring_service.config import Settings, load_settings
-from scoring_service.logging import configure_logging
+if TYPE_CHECKING:  # the settings (pydantic, the online options) load on use: `score` and `health` need none
+    from scoring_service.config import Settings
 
 console = Console()
 err = Console(stderr=True)
@@ -24,6 +24,9 @@ def cli_settings(**overrides: Any) -> Settings:
     """The environment's settings with the command's flags (those given) on top; logging set up.
 
     A bad value (flag or environment variable) is a clear error naming the setting, exit 2."""
+    from scoring_service.config import load_settings
+    from scoring_service.logging import configure_logging
+
     try:
         settings = load_settings(**overrides)
     except Exception as exc:  # pydantic ValidationError: it names the setting
