@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,18 @@ from tests.servers.redis import TEST_CACHE_MAC_KEYS
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # One cache MAC key for the session's scorers and batch runs (tests/servers/redis.py: sealed_item).
 os.environ.setdefault("FRAUDSCORE_CACHE_MAC_KEYS", TEST_CACHE_MAC_KEYS)
+
+
+def _interrupted(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the run at once
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (a CI job cancelled, `timeout`, `kill`) ends the run as Ctrl-C does: pytest then tears
+    # down every fixture, so the servers the run started (Redis, Kafka, scorers) are stopped with it.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 def handbook_path() -> Path | None:
