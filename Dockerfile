@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # fraudscore: the gRPC scoring service and its batch jobs (one image, the same CLI the tests run).
 # Two targets from one file (docs/deploy.md):
 #   docker build --target cpu -t fraudscore:cpu .   # slim: xgboost-cpu in place of xgboost (no CUDA/NCCL)

@@ -7,7 +7,7 @@
 #   - redis:7.2-alpine, postgres:16-alpine, apache/kafka:4.4.0 from Debian packages and the Kafka
 #     jars, with the same users, paths and health-check commands as the real images.
 # A tag that already exists (a real image pulled elsewhere, or an earlier run) is kept: FORCE=1
-# rebuilds the stand-ins. Needs root (debootstrap), docker, mvn and python3 with pip.
+# rebuilds the stand-ins. Needs root (debootstrap), docker, mvn, python3 and uv (make install).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -44,7 +44,9 @@ docker image inspect python:3.11-slim-bookworm >/dev/null 2>&1 || docker tag "$B
 
 if ! have ghcr.io/astral-sh/uv:0.5; then
   ctx=$(mktemp -d)
-  python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_17_x86_64 "uv==0.5.*" -d "$ctx/whl"
+  # pip through uvx (uv is what `make install` puts on PATH): `python3 -m pip` failed under `uv run`,
+  # where python3 is the project's venv, which has no pip
+  uvx pip download -q --no-deps --only-binary=:all: --platform manylinux_2_17_x86_64 "uv==0.5.*" -d "$ctx/whl"
   python3 - "$ctx" <<'PY'
 import pathlib, sys, zipfile
 ctx = pathlib.Path(sys.argv[1])
