@@ -29,6 +29,7 @@ from scoring_service.cli import client
 COMMANDS: Mapping[str, str] = {
     "serve": "serve",
     "train": "models",
+    "retrain": "models",
     "score": "client",
     "health": "client",
     "nightly": "batch",

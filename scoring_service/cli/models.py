@@ -1,4 +1,4 @@
-"""``fraudscore train``, ``fraudscore model ...`` and ``fraudscore db upgrade``: models and their registry."""
+"""``fraudscore train``, ``retrain``, ``fraudscore model ...`` and ``fraudscore db upgrade``: models and their registry."""
 
 from __future__ import annotations
 
@@ -58,6 +58,96 @@ def train(
     table.add_row("train seconds", f"{time.monotonic() - started:.1f}")
     console.print(table)
     print(json.dumps({"version": record.version, "metrics": result.metrics, "thresholds": result.thresholds}))
+
+
+RETRAIN_REFUSED = 3  # exit code: the candidate is registered as shadow, the gate kept the active version
+
+
+def retrain(
+    as_of: Annotated[str, typer.Option("--as-of", help="The day D: labels that arrived by D are used (YYYY-MM-DD).")],
+    data: Annotated[Path | None, typer.Option(help="Parquet file of payments and labels (default: Kafka as the "
+                                                   "nightly reads it, else FRAUDSCORE_EVENTS_FILE).")] = None,
+    framework: Annotated[str, typer.Option(help="xgboost or lightgbm.")] = "xgboost",
+    train_days: Annotated[int, typer.Option(help="Days of the training window.", min=1, max=90)] = 7,
+    rounds: Annotated[int | None, typer.Option(help="Boosting rounds (default: as `train`, 300).", min=1)] = None,
+    promote: Annotated[bool, typer.Option(help="Activate the candidate when the gate passes it.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+) -> None:
+    """Train a candidate on the latest labelled window before D, compare it with the active version on the
+    latest fully labelled week, register it as shadow, and promote it if the gate passes (docs/model.md).
+
+    Exit 0: promoted (or registered with --no-promote); 3: refused by the gate, registered as shadow,
+    the active version unchanged; 2: bad input, nothing registered."""
+    settings = cli_settings()
+    if framework not in ("xgboost", "lightgbm"):
+        fail(f"--framework must be xgboost or lightgbm, got {framework!r}")
+    if data is not None and not data.is_file():
+        fail(f"no such file: {data}")
+    from scoring_service.adapters.model.gbdt import ModelError
+    from scoring_service.batch.pipeline import BatchError
+    from scoring_service.batch.sources import EventSource
+    from scoring_service.core.events import EventError
+    from scoring_service.training import retrain as rt
+
+    try:
+        w = rt.windows(as_of, train_days)
+    except ValueError:
+        fail(f"--as-of: not a date: {as_of!r}")
+    try:
+        if data is not None:  # the file given wins over a configured Kafka
+            from scoring_service.adapters.files.event_source import FileEventSource
+
+            source: EventSource = FileEventSource(data)
+        else:
+            source = bootstrap.event_source(settings, job="retrain", group_id="fraudscore-retrain")
+        source.check()
+        events = source.read_window(w.read_start.timestamp(), w.eval_end.timestamp(), labels_until=w.as_of.timestamp())
+    except (BatchError, EventError) as exc:
+        fail(f"cannot read payments: {exc}")
+    registry = bootstrap.registry(settings)
+    active_record = registry.active()
+    active, active_error = None, None
+    if active_record is not None:
+        try:
+            active = (active_record, bootstrap.model_loader(settings, device="cpu")(active_record))
+        except ModelError as exc:
+            active_error = f"{active_record.version} does not load: {exc}"
+    try:
+        outcome = rt.retrain_and_register(registry, settings.models_dir, events.payments, w, framework=framework,
+                                          active=active, active_error=active_error, rounds=rounds)
+    except rt.RetrainError as exc:
+        fail(f"{exc}; nothing registered, the active version unchanged")
+    table = Table(title=f"retrain as of {w.as_of:%Y-%m-%d}: train {w.as_dict()['train']}, "
+                        f"evaluation week {w.as_dict()['evaluation']}")
+    table.add_column("")
+    table.add_column(f"candidate {outcome.record.version}", justify="right")
+    table.add_column(f"active {outcome.active_version or '-'}", justify="right")
+    for key, label in (("auc_roc", "AUC"), ("average_precision", "AP"), ("card_precision_at_100", "CP@100")):
+        table.add_row(label, *(f"{r['metrics'][key]:.4f}" if r else "-" for r in (outcome.candidate, outcome.active)))
+    for key, label in (("genuine_decline_rate", "new cards: genuine declined"),
+                       ("genuine_review_rate", "new cards: genuine reviewed")):
+        table.add_row(label, *("-" if not r or r["new_cards"][key] is None else f"{r['new_cards'][key]:.2%}"
+                               for r in (outcome.candidate, outcome.active)))
+    console.print(table)
+    promoted = outcome.gate.promote and promote
+    if promoted:
+        try:  # as `fraudscore model activate --direct`: the services switch, the nightly builds its cache generation
+            bootstrap.model_loader(settings, device="cpu")(outcome.record)
+            registry.activate(outcome.record.version)
+        except ModelError as exc:
+            fail(f"{outcome.record.version} registered as shadow, not activated: {exc}", 1)
+    verdict = ("promoted: now the active version" if promoted else
+               "registered as shadow (--no-promote)" if outcome.gate.promote else
+               "refused by the gate: registered as shadow, the active version unchanged")
+    print(f"gate: {outcome.record.version} {verdict}")
+    for reason in outcome.gate.reasons:
+        print(f"  {reason}")
+    if as_json:
+        print(json.dumps({"version": outcome.record.version, "promoted": promoted, "active_before": outcome.active_version,
+                          "windows": w.as_dict(), "gate": outcome.gate.as_dict(), "candidate": outcome.candidate,
+                          "active": outcome.active, "train_seconds": round(outcome.train_seconds, 1)}, default=float))
+    if not outcome.gate.promote:
+        raise typer.Exit(RETRAIN_REFUSED)
 
 
 @model_app.command("list")
@@ -208,5 +298,6 @@ def db_upgrade() -> None:
 
 def register(app: typer.Typer) -> None:
     app.command()(train)
+    app.command()(retrain)
     app.add_typer(model_app, name="model")
     app.add_typer(db_app, name="db")
