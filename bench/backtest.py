@@ -24,6 +24,16 @@ Options (none given: the run above, unchanged):
 * When the data has ``TX_FRAUD_SCENARIO`` (4 = card testing), the column is kept out of what the
   service sees (train and publish read a copy without it) and the card-testing detection rate is
   reported per mode (``card_testing`` in the JSON, ``bench/backtest_report.detection_summary``).
+* ``--floors REVIEW,APPROVE``: the values of ``FRAUDSCORE_FALLBACK_MIN_DECISION`` to run, one scorer
+  process each (default: the service's own, the run above).
+* ``--redis-outage HH:MM-HH:MM``: each replayed day's payments are sent in three parts, before /
+  during / after that window of event time, and around the "during" part the real Redis is frozen
+  (SIGSTOP, then SIGCONT in a ``finally``: a hung Redis, reads time out at FRAUDSCORE_REDIS_TIMEOUT_MS);
+  the "after" part waits for the breaker's reset. One such run per floor, then the normal run (Redis
+  up, the service's floor) as the baseline for the same hours. ``outage`` in the JSON: per mode and
+  run, what the answers in the window decided (``bench/backtest_report.decision_counts``: frauds
+  passed, genuine payments stopped, sources, reason codes, which Score() answers carry and this run
+  records).
 """
 
 from __future__ import annotations
@@ -37,8 +47,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
+import grpc
+import numpy as np
 import pandas as pd
 
 from bench.backtest_report import (
@@ -47,10 +61,14 @@ from bench.backtest_report import (
     attach_scenarios,
     choose_cohort,
     cohort_summaries,
+    decision_counts,
     detection_summary,
+    in_window,
+    parse_window,
     rename_cohort,
     scenarios_by_transaction,
     scored_frame,
+    split_day,
 )
 from scoring_service.adapters.files.payments_file import read_payments_file
 from scoring_service.batch.replay import _drive, summarise
@@ -61,6 +79,8 @@ from tests.servers.scorer import ScorerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_START = pd.Timestamp("2018-08-08")
+FLOORS = ("APPROVE", "REVIEW", "DECLINE")
+REDIS_UP = "redis up"
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -101,6 +121,68 @@ def service_file(data: Path, work: Path) -> tuple[Path, pd.Series | None]:
     return path, scenarios
 
 
+class ReasonRecorder(grpc.aio.UnaryUnaryClientInterceptor):
+    """Keeps each Score() answer's reason codes by request id (``_drive``'s answers carry none)."""
+
+    def __init__(self) -> None:
+        self.codes: dict[str, tuple[str, ...]] = {}
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        call = await continuation(details, request)
+        try:
+            response = await call
+        except grpc.aio.AioRpcError:
+            return call  # the caller sees the error
+        self.codes[request.request_id] = tuple(r.code for r in response.reasons)
+        return call
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(address, interceptors=[self])
+
+
+class RedisFrozen:
+    """The real Redis stopped (SIGSTOP) for the ``with`` block, always resumed (SIGCONT), then ``settle_s``
+    for the scorer's breaker to reset; ``seconds``: how long it was stopped, each time."""
+
+    def __init__(self, redis: RedisServer, settle_s: float) -> None:
+        self.redis, self.settle_s, self.seconds = redis, settle_s, []
+
+    def __enter__(self) -> None:
+        self.redis.pause()
+        self._t = time.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        self.redis.resume()
+        self.seconds.append(round(time.monotonic() - self._t, 2))
+        time.sleep(self.settle_s)
+
+
+def planned_runs(mode: str, floors: list[str | None], outage: bool) -> list[tuple[str, str, str | None, bool]]:
+    """(report key, label, floor (None: the service's own), Redis frozen in the window) of each run of ``mode``.
+
+    No options: one run, ``mode``. With an outage: one outage run per floor, then the normal run
+    (key ``mode``) as the baseline, last so that no earlier run of the mode recorded the window's payments in Redis."""
+    def label(floor: str | None) -> str:
+        return ("outage " if outage else "") + (f"floor {floor}" if floor else "floor default")
+
+    if not outage:
+        return [(mode, label(None), None, False)] if floors == [None] else [(f"{mode} {label(f)}", label(f), f, False)
+                                                                             for f in floors]
+    return [(f"{mode} {label(f)}", label(f), f, True) for f in floors] + [(mode, REDIS_UP, None, False)]
+
+
+def replay_part(address: str, part: pd.DataFrame, concurrency: int, recorder: ReasonRecorder | None,
+                in_outage: bool) -> list[dict[str, Any]]:
+    """``part``'s Score() answers (``_drive``), with their reason codes and outage tag when ``recorder`` is given."""
+    answers = asyncio.run(_drive(address, part, 0.0, concurrency, 2.0, None,
+                                 open_channel=recorder.channel if recorder else None))
+    if recorder is not None:
+        for tx, a in zip(part["transaction_id"].tolist(), answers, strict=True):
+            a["reasons"] = recorder.codes.pop(f"replay-{tx}", ())
+            a["outage"] = in_outage
+    return answers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--days", type=int, default=7)
@@ -114,7 +196,17 @@ def main() -> None:
                     help="simulator's card_testing_per_day (--simulated; default: the simulator's)")
     ap.add_argument("--cohort-share", type=float, default=None, help="cold-start cohort: share of the replayed cards (0.2)")
     ap.add_argument("--cohort-seed", type=int, default=None, help="cold-start cohort: seed (0)")
+    ap.add_argument("--floors", default=None, help="FRAUDSCORE_FALLBACK_MIN_DECISION values, one run each (REVIEW,APPROVE)")
+    ap.add_argument("--redis-outage", default=None, metavar="HH:MM-HH:MM",
+                    help="Redis frozen (SIGSTOP) while each day's payments of this event-time window are sent")
     args = ap.parse_args()
+    floors: list[str | None] = [None] if args.floors is None else [f.strip().upper() for f in args.floors.split(",")]
+    if any(f not in FLOORS for f in floors):
+        sys.exit(f"--floors: each one of {', '.join(FLOORS)}")
+    try:
+        window = parse_window(args.redis_outage) if args.redis_outage else None
+    except ValueError as exc:
+        sys.exit(f"--redis-outage: {exc}")
     cohort_on = args.cohort_share is not None or args.cohort_seed is not None
     share = 0.2 if args.cohort_share is None else args.cohort_share
     cohort_seed = 0 if args.cohort_seed is None else args.cohort_seed
@@ -163,51 +255,76 @@ def main() -> None:
             cohort = choose_cohort(replayed["customer_id"], share, cohort_seed)
             report["cohort"] = {"share": share, "seed": cohort_seed, "cards": len(cohort),
                                 "replayed_cards": int(replayed["customer_id"].nunique()), "new_id": f"{NEW_PREFIX}<id>"}
+        # after SIGCONT, wait for the breaker's reset before the "after" part, as a real clock would
+        frozen = RedisFrozen(redis, float(os.environ.get("FRAUDSCORE_BREAKER_RESET_S", "2.0")) + 1.0)
+        recorder = ReasonRecorder() if window else None
+        if window:
+            report["outage"] = {"window": args.redis_outage, "days": len(days), "runs": {}}
         for mode in args.modes.split(","):
-            scorer = ScorerProcess(work, redis.url, env={"KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
-                                                         "FRAUDSCORE_LOG_REQUESTS": "false"},
-                                   args=["--mode", mode]).start()
-            frames, answers, nightly = [], [], []
-            try:
-                for day in days:
-                    t = time.monotonic()
-                    run = json.loads(cli(env, "nightly", "--as-of", day.isoformat(), "--json").stdout)
-                    nightly.append({"as_of": day.isoformat(), "seconds": round(time.monotonic() - t, 1),
-                                    "entities": run.get("entities_scored"), "keys": run.get("keys_written")})
-                    time.sleep(1.5)  # the service re-reads the active generation every second
-                    todays = payments[(payments["timestamp"] >= day) & (payments["timestamp"] < day + pd.Timedelta(days=1))]
-                    frames.append(todays)
-                    sent = rename_cohort(todays, cohort) if cohort_on else todays
-                    answers += asyncio.run(_drive(scorer.address, sent, 0.0, args.concurrency, 2.0, None))
-                    print(f"{mode} {day.date()}: {len(todays)} payments", flush=True)
-            finally:
-                scorer.stop()
-            replayed_frame = pd.concat(frames, ignore_index=True)
-            summary = summarise(replayed_frame, answers)
-            summary["nightly_runs"] = nightly
-            if cohort_on or scenarios is not None:
-                scored = scored_frame(replayed_frame, answers)  # original customer ids
-                if cohort_on:
-                    summary.update(cohort_summaries(scored, scored["customer_id"].isin(cohort)))
-                if scenarios is not None:
-                    summary["card_testing"] = detection_summary(scored, attach_scenarios(scored, scenarios))
-            report[mode] = summary
+            for key, label, floor, stop_redis in planned_runs(mode, floors, window is not None):
+                env_floor = {"FRAUDSCORE_FALLBACK_MIN_DECISION": floor} if floor else {}
+                scorer = ScorerProcess(work, redis.url, env={"KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap,
+                                                             "FRAUDSCORE_LOG_REQUESTS": "false", **env_floor},
+                                       args=["--mode", mode]).start()
+                frames, answers, nightly = [], [], []
+                frozen.seconds = []
+                t_run = time.monotonic()
+                try:
+                    for day in days:
+                        t = time.monotonic()
+                        run = json.loads(cli(env, "nightly", "--as-of", day.isoformat(), "--json").stdout)
+                        nightly.append({"as_of": day.isoformat(), "seconds": round(time.monotonic() - t, 1),
+                                        "entities": run.get("entities_scored"), "keys": run.get("keys_written")})
+                        time.sleep(1.5)  # the service re-reads the active generation every second
+                        todays = payments[(payments["timestamp"] >= day) & (payments["timestamp"] < day + pd.Timedelta(days=1))]
+                        parts = split_day(todays, day, window) if stop_redis and window else (todays,)
+                        for i, part in enumerate(parts):
+                            in_outage = len(parts) == 3 and i == 1  # before / during / after
+                            sent = rename_cohort(part, cohort) if cohort_on else part
+                            with frozen if in_outage else nullcontext():
+                                answers += replay_part(scorer.address, sent, args.concurrency, recorder, in_outage)
+                            frames.append(part)
+                        print(f"{key} {day.date()}: {len(todays)} payments", flush=True)
+                finally:
+                    scorer.stop()
+                replayed_frame = pd.concat(frames, ignore_index=True)
+                summary = summarise(replayed_frame, answers)
+                summary["nightly_runs"] = nightly
+                summary["floor"] = floor or "service default"
+                summary["seconds"] = round(time.monotonic() - t_run, 1)
+                if cohort_on or scenarios is not None or window:
+                    scored = scored_frame(replayed_frame, answers)  # original customer ids
+                    if cohort_on:
+                        summary.update(cohort_summaries(scored, scored["customer_id"].isin(cohort)))
+                    if scenarios is not None:
+                        summary["card_testing"] = detection_summary(scored, attach_scenarios(scored, scenarios))
+                    if window:
+                        # the answers given while Redis was frozen; the baseline: the same hours, Redis up
+                        hours = (np.array([a.get("outage", False) for a in answers]) if stop_redis
+                                 else in_window(scored["timestamp"], window))
+                        counts = decision_counts(scored[hours])
+                        if stop_redis:
+                            summary["redis_stopped_s"] = list(frozen.seconds)
+                            counts["redis_stopped_s"] = round(sum(frozen.seconds), 1)
+                        report["outage"]["runs"].setdefault(mode, {})[label] = counts
+                report[key] = summary
     finally:
         kafka.stop()
         redis.stop()
     out = REPO / "bench" / "results" / f"backtest-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
-    modes = [m for m in args.modes.split(",") if m in report]
-    print(f"\n{'metric':<28}" + "".join(f"{m:>16}" for m in modes))
+    modes = [k for m in args.modes.split(",") for k, *_ in planned_runs(m, floors, window is not None) if k in report]
+    w = max(16, *(len(m) + 2 for m in modes))
+    print(f"\n{'metric':<28}" + "".join(f"{m:>{w}}" for m in modes))
     for key in ("requests", "errors", "degraded", "average_precision", "card_precision_at_100", "cache_hit_ratio"):
-        cells = (f"{report[m][key]:>16.4f}" if isinstance(report[m][key], float) else f"{report[m][key]:>16}" for m in modes)
+        cells = (f"{report[m][key]:>{w}.4f}" if isinstance(report[m][key], float) else f"{report[m][key]:>{w}}" for m in modes)
         print(f"{key:<28}" + "".join(cells))
     for q in ("p50", "p95", "p99"):
-        print(f"{'server latency ' + q + ' ms':<28}" + "".join(f"{report[m]['server_latency_ms'][q]:>16.3f}" for m in modes))
-        print(f"{'client latency ' + q + ' ms':<28}" + "".join(f"{report[m]['latency_ms'][q]:>16.3f}" for m in modes))
+        print(f"{'server latency ' + q + ' ms':<28}" + "".join(f"{report[m]['server_latency_ms'][q]:>{w}.3f}" for m in modes))
+        print(f"{'client latency ' + q + ' ms':<28}" + "".join(f"{report[m]['latency_ms'][q]:>{w}.3f}" for m in modes))
     for d in report[modes[0]]["card_precision_at_100_per_day"]:
-        print(f"{'CP@100 ' + str(d):<28}" + "".join(f"{report[m]['card_precision_at_100_per_day'][d]:>16.3f}" for m in modes))
+        print(f"{'CP@100 ' + str(d):<28}" + "".join(f"{report[m]['card_precision_at_100_per_day'][d]:>{w}.3f}" for m in modes))
     if cohort_on:
         print(f"\ncold-start cohort: {report['cohort']['cards']} of {report['cohort']['replayed_cards']} cards "
               f"(share {share}, seed {cohort_seed})")
@@ -216,16 +333,26 @@ def main() -> None:
                                ("average_precision", "AP"), ("card_precision_at_100", "CP@100"),
                                ("card_precision_at_100_ceiling", "CP@100 ceiling"), ("cache_hit_ratio", "cache hit ratio"),
                                ("decline_ratio", "decline ratio")):
-                cells = (f"{report[m][group][key]:>16.4f}" if isinstance(report[m][group][key], float)
-                         else f"{report[m][group][key]:>16}" for m in modes)
+                cells = (f"{report[m][group][key]:>{w}.4f}" if isinstance(report[m][group][key], float)
+                         else f"{report[m][group][key]:>{w}}" for m in modes)
                 print(f"{group + ' ' + label:<28}" + "".join(cells))
     if scenarios is not None:
         print("\ncard testing (TX_FRAUD_SCENARIO 4)")
         for key in ("cards", "cards_with_large_in_replay", "declined_before_large", "declined_at_or_before_large",
                     "large_declined_share", "small_declined_share"):
-            cells = (f"{report[m]['card_testing'][key]:>16.4f}" if isinstance(report[m]["card_testing"][key], float)
-                     else f"{report[m]['card_testing'][key]:>16}" for m in modes)
+            cells = (f"{report[m]['card_testing'][key]:>{w}.4f}" if isinstance(report[m]["card_testing"][key], float)
+                     else f"{report[m]['card_testing'][key]:>{w}}" for m in modes)
             print(f"{key:<28}" + "".join(cells))
+    if window:
+        print(f"\nRedis frozen {args.redis_outage} (event time) on each of {len(days)} days: the answers in that window")
+        cols = ("payments", "frauds", "frauds_passed", "frauds_stopped", "genuine", "genuine_stopped", "errors", "degraded")
+        for mode, runs in report["outage"]["runs"].items():
+            print(f"{mode:<24}" + "".join(f"{c:>16}" for c in cols))
+            for label, counts in runs.items():
+                print(f"{label:<24}" + "".join(f"{counts[c]:>16}" for c in cols))
+            for label, counts in runs.items():
+                print(f"  {label}: sources {counts['sources']}, decisions {counts['decisions']}")
+                print(f"  {label}: reasons {dict(list(counts['reasons'].items())[:6])}")
     print(f"\nJSON: {out}")
 
 

@@ -9,8 +9,12 @@
   :func:`cohort_summaries` the cohort and the rest.
 * :func:`detection_summary`: among the cards with card-testing payments (``TX_FRAUD_SCENARIO`` 4),
   the share declined before / at or before their first large (>= 50) card-testing payment.
+* :func:`parse_window` / :func:`split_day` / :func:`in_window`: a Redis outage window (``HH:MM-HH:MM``,
+  event time of day) and each day's payments before / during / after it; :func:`decision_counts`: what
+  the answers of a group of payments decided (frauds passed and stopped, genuine payments reviewed).
 
-No I/O, no service: unit-tested on hand-made frames (``tests/unit/test_backtest_groups.py``).
+No I/O, no service: unit-tested on hand-made frames (``tests/unit/test_backtest_groups.py``,
+``tests/unit/test_backtest_outage.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ SCENARIO_COLUMN = "TX_FRAUD_SCENARIO"
 CARD_TESTING = 4
 LARGE_AMOUNT = 50.0
 DECLINE = "DECLINE"
+APPROVE = "APPROVE"
 
 
 # ------------------------------------------------------------------------------------ cohort
@@ -62,6 +67,7 @@ def scored_frame(payments: pd.DataFrame, answers: list[dict[str, Any]]) -> pd.Da
     df["source"] = [a.get("source", "ERROR") for a in answers]
     df["decision"] = [a.get("decision", "") for a in answers]
     df["degraded"] = [bool(a.get("degraded", False)) for a in answers]
+    df["reasons"] = [tuple(a.get("reasons", ())) for a in answers]  # reason codes, when the replay recorded them
     return df
 
 
@@ -170,4 +176,64 @@ def detection_summary(scored: pd.DataFrame, scenario: pd.Series | np.ndarray, ca
         "large_payments": int(is_large.sum()),
         "large_declined_share": float(ct.loc[is_large, "declined"].mean()) if is_large.any() else float("nan"),
         "small_declined_share": float(ct.loc[~is_large, "declined"].mean()) if (~is_large).any() else float("nan"),
+    }
+
+
+# ------------------------------------------------------------------------------------ Redis outage
+def parse_window(spec: str) -> tuple[pd.Timedelta, pd.Timedelta]:
+    """``HH:MM-HH:MM`` -> (start, end) as times of day; the window lies inside one day (start < end, end <= 24:00)."""
+    try:
+        start, end = (pd.Timedelta(hours=int(h), minutes=int(m))
+                      for h, m in (part.strip().split(":") for part in spec.split("-")))
+    except ValueError:
+        raise ValueError(f"window must be HH:MM-HH:MM, got {spec!r}") from None
+    if not pd.Timedelta(0) <= start < end <= pd.Timedelta(days=1):
+        raise ValueError(f"window must start before it ends, inside one day: {spec!r}")
+    return start, end
+
+
+def in_window(timestamps: pd.Series, window: tuple[pd.Timedelta, pd.Timedelta]) -> np.ndarray:
+    """Whether each timestamp's time of day is in [start, end) (any day)."""
+    ts = pd.to_datetime(timestamps)
+    time_of_day = ts - ts.dt.normalize()
+    return ((time_of_day >= window[0]) & (time_of_day < window[1])).to_numpy()
+
+
+def split_day(payments: pd.DataFrame, day: pd.Timestamp,
+              window: tuple[pd.Timedelta, pd.Timedelta]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``payments`` (one day's) before, during and after the window on ``day``, by timestamp, order kept."""
+    ts = payments["timestamp"]
+    start, end = day + window[0], day + window[1]
+    return payments[ts < start], payments[(ts >= start) & (ts < end)], payments[ts >= end]
+
+
+def decision_counts(scored: pd.DataFrame) -> dict[str, Any]:
+    """What the answers of a group of payments (a :func:`scored_frame`, or rows of one) decided.
+
+    ``frauds_passed``: frauds answered APPROVE; ``frauds_stopped``: frauds answered REVIEW or DECLINE;
+    ``genuine_stopped``: genuine payments answered REVIEW or DECLINE (``genuine_declined``: DECLINE);
+    errors (no answer) are counted apart, in neither. ``reasons``: answers carrying each reason code.
+    """
+    ok = (scored["source"] != "ERROR").to_numpy()
+    fraud = (scored["is_fraud"] == 1).to_numpy()
+    genuine = (scored["is_fraud"] == 0).to_numpy()
+    decision = scored["decision"].to_numpy()
+    stopped = ok & (decision != APPROVE)
+    reasons: dict[str, int] = {}
+    for codes in scored.get("reasons", pd.Series([()] * len(scored))):
+        for code in set(codes):
+            reasons[code] = reasons.get(code, 0) + 1
+    return {
+        "payments": int(len(scored)),
+        "errors": int((~ok).sum()),
+        "frauds": int(fraud.sum()),
+        "frauds_passed": int((ok & fraud & (decision == APPROVE)).sum()),
+        "frauds_stopped": int((fraud & stopped).sum()),
+        "genuine": int(genuine.sum()),
+        "genuine_stopped": int((genuine & stopped).sum()),
+        "genuine_declined": int((genuine & ok & (decision == DECLINE)).sum()),
+        "degraded": int(scored["degraded"].sum()),
+        "sources": {str(k): int(v) for k, v in scored["source"].value_counts().items()},
+        "decisions": {str(k): int(v) for k, v in scored.loc[ok, "decision"].value_counts().items()},
+        "reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
     }
