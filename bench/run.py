@@ -117,6 +117,46 @@ def table(results: dict) -> str:
     return "\n".join(out)
 
 
+def _closed_cpu(sc: dict, concurrency: int = 8) -> float | None:
+    """Server CPU seconds per 1,000 requests of ``sc``'s closed-loop run at ``concurrency`` in flight."""
+    return next((r["server_cpu_s_per_1k"] for r in sc["runs"] if r["mode"] == "closed" and r["concurrency"] == concurrency
+                 and r["server_cpu_s_per_1k"]), None)
+
+
+def ratios(results: dict) -> dict:
+    """The run's figures against each other (same machine, same run): every fraudscore scenario's server CPU
+    per request over the ceiling's (closed loop, 8 in flight: the load of the guard in ``make test``,
+    tests/e2e/test_cost_guard.py), and new cards (cache-first unseen) against the best MLServer config."""
+    out: dict = {}
+    scenarios = {sc["name"]: sc for sc in results["scenarios"]}
+    ceiling = _closed_cpu(scenarios[CEILING]) if CEILING in scenarios else None
+    if ceiling:
+        out["cpu_per_request_vs_ceiling_c8"] = {
+            name: round(cpu / ceiling, 2) for name, sc in scenarios.items()
+            if name.startswith("fraudscore") and (cpu := _closed_cpu(sc))}
+    new = [sc for name, sc in scenarios.items() if name.startswith("fraudscore cache-first unseen")]
+    refs = [sc for name, sc in scenarios.items() if name.startswith("mlserver") and sc["peak_closed_rps"]]
+    if new and refs:
+        ours, ref = new[-1], max(refs, key=lambda sc: sc["peak_closed_rps"])
+        cpu_ours, cpu_ref = _closed_cpu(ours), _closed_cpu(ref)
+        out["new_cards_vs_mlserver"] = {
+            "ours": ours["name"], "reference": ref["name"],
+            "peak_rps": round(ours["peak_closed_rps"] / ref["peak_closed_rps"], 2),
+            "reference_cpu_per_request_over_ours_c8": round(cpu_ref / cpu_ours, 2) if cpu_ours and cpu_ref else None}
+    return out
+
+
+def ratios_summary(r: dict) -> str:
+    lines = ["ratios (this run):"]
+    for name, x in r.get("cpu_per_request_vs_ceiling_c8", {}).items():
+        lines.append(f"  server CPU per request, {name} / ceiling (c=8): {x:.2f}x")
+    if (m := r.get("new_cards_vs_mlserver")):
+        cpu = m["reference_cpu_per_request_over_ours_c8"]
+        lines.append(f"  new cards ({m['ours']}) vs {m['reference']}: peak rps {m['peak_rps']:.2f}x theirs; their "
+                     f"server CPU per request (c=8) {'-' if cpu is None else f'{cpu:.2f}x'} ours")
+    return "\n".join(lines) if len(lines) > 1 else "ratios: none (a part is missing from this run)"
+
+
 def machine() -> dict:
     cpu = ""
     try:
@@ -267,9 +307,11 @@ def main(argv=None) -> int:
 
     results["finished"] = dt.datetime.now().isoformat(timespec="seconds")
     results["machine"]["loadavg_at_end"] = os.getloadavg()
+    results["ratios"] = ratios(results)
     out = RESULTS / f"{run_id}.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     print(table(results))
+    print(ratios_summary(results["ratios"]))
     if "shadow_cost" in results:
         from bench import shadow_cost
 
