@@ -64,7 +64,8 @@ RETRAIN_REFUSED = 3  # exit code: the candidate is registered as shadow, the gat
 
 
 def retrain(
-    as_of: Annotated[str, typer.Option("--as-of", help="The day D: labels that arrived by D are used (YYYY-MM-DD).")],
+    as_of: Annotated[str | None, typer.Option("--as-of", help="The day D: labels that arrived by D are used "
+                                                "(YYYY-MM-DD; default: today, UTC).")] = None,
     data: Annotated[Path | None, typer.Option(help="Parquet file of payments and labels (default: Kafka as the "
                                                    "nightly reads it, else FRAUDSCORE_EVENTS_FILE).")] = None,
     framework: Annotated[str, typer.Option(help="xgboost or lightgbm.")] = "xgboost",
@@ -90,7 +91,7 @@ def retrain(
     from scoring_service.training import retrain as rt
 
     try:
-        w = rt.windows(as_of, train_days)
+        w = rt.windows(as_of or time.strftime("%Y-%m-%d", time.gmtime()), train_days)
     except ValueError:
         fail(f"--as-of: not a date: {as_of!r}")
     try:
