@@ -230,8 +230,16 @@ def test_services_hpa_and_batch_point_at_the_right_things():
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": deployment["metadata"]["name"]}
     assert hpa["spec"]["minReplicas"] >= 2
-    (cron,) = _of_kind("CronJob")
-    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    crons = {c["metadata"]["name"]: c for c in _of_kind("CronJob")}
+    assert set(crons) == {"fraudscore-nightly", "fraudscore-retrain"}
+    assert all(c["spec"]["concurrencyPolicy"] == "Forbid" for c in crons.values())
+    cron = crons["fraudscore-nightly"]
+    retrain = crons["fraudscore-retrain"]["spec"]["jobTemplate"]["spec"]
+    assert retrain["template"]["spec"]["containers"][0]["args"][0] == "retrain"
+    assert crons["fraudscore-retrain"]["spec"]["schedule"].split()[2:] == ["*", "*", "1"]  # weekly
+    assert retrain["backoffLimit"] == 0  # exit 3 (refused by the gate) is an answer, not a fault to retry
+    env = {e["name"] for e in retrain["template"]["spec"]["containers"][0]["env"]}
+    assert "REDIS_URL" not in env and "FRAUDSCORE_DATABASE_URL" in env  # the registry, never the cache
     (scaled,) = _of_kind("ScaledJob")
     trigger = scaled["spec"]["triggers"][0]["metadata"]
     nightly_args = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
