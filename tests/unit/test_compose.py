@@ -63,6 +63,9 @@ def test_one_shot_jobs_use_the_cli(compose):
     assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
     nightly = compose["services"]["nightly"]
     assert nightly["profiles"] == ["nightly"] and nightly["command"][0] == "nightly"
+    retrain = compose["services"]["retrain"]  # the weekly retrain (docs/model.md): registry and Kafka, no Redis
+    assert retrain["profiles"] == ["retrain"] and retrain["command"][0] == "retrain"
+    assert "REDIS_URL" not in retrain["environment"] and "redis" not in retrain["depends_on"]
     assert nightly["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
@@ -100,7 +103,7 @@ def test_only_the_scorer_and_the_dashboards_publish_ports(compose):
 
 def test_backing_services_on_the_internal_network_only(compose):
     assert compose["networks"]["backend"]["internal"] is True
-    for name in ("redis", "kafka", "postgres", "migrate", "nightly"):
+    for name in ("redis", "kafka", "postgres", "migrate", "nightly", "retrain"):
         assert compose["services"][name]["networks"] == ["backend"], name
     assert set(compose["services"]["scorer"]["networks"]) == {"backend", "frontend"}
 
@@ -161,7 +164,7 @@ def test_compose_env_names_are_settings(compose):
         known.add(f"FRAUDSCORE_{field.upper()}")
         if isinstance(info.validation_alias, AliasChoices):
             known |= {c for c in info.validation_alias.choices if isinstance(c, str)}
-    for name in ("migrate", "scorer", "nightly"):
+    for name in ("migrate", "scorer", "nightly", "retrain"):
         assert set(compose["services"][name]["environment"]) <= known, name
 
 
