@@ -52,6 +52,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -96,6 +97,16 @@ def agrees(sent: float, remaining: float) -> bool:
     """Whether a sent timeout is one the call's own deadline allows: at least what is left of it
     (``remaining``, past the wire's rounding), at most ``MAX_SENT_TIMEOUT_S`` (NaN: neither)."""
     return remaining <= sent * (1.0 + TIMEOUT_ROUNDING) + TIMEOUT_SLACK_S and sent <= MAX_SENT_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A precheck's answer (``AdmissionControl(prechecks=...)``): refuse the call with this status,
+    message and trailing metadata, before it is decoded. The precheck counts and logs it."""
+
+    code: grpc.StatusCode
+    message: str
+    trailing: tuple[tuple[str, str], ...] = ()
 
 
 class DeadlineWait:
@@ -158,8 +169,11 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
 
     def __init__(self, guarded: set[str], *, max_in_flight: int, min_time_s: float, pushback_ms: int,
                  max_queue_s: float = 0.0, queue_from_deadline: bool | str = "auto", lag: LoopLag | None = None,
-                 on_refused: list[Callable[[str, str], None]] | None = None) -> None:
+                 on_refused: list[Callable[[str, str], None]] | None = None,
+                 prechecks: list[Callable[[grpc.aio.ServicerContext], Refusal | None]] | None = None) -> None:
         self.guarded = guarded
+        # checks of the caller made before decoding (the failed-authentication budget, online/auth.py)
+        self.prechecks = prechecks or []
         self.max_queue_s = max_queue_s  # 0: no bound on the loop's lag
         self.lag = lag or LoopLag()
         # A call's wait before its handler, from its deadline: "auto" and True, by the timeout the
@@ -240,6 +254,15 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
             if self.max_queue_s and waited > self.max_queue_s:
                 return self._refuse(context, short, "queueing", grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     self._queueing(waited))
+            for precheck in self.prechecks:
+                refusal = precheck(context)
+                if refusal is not None:
+                    for observe in self.on_refused:
+                        observe(short, refusal.code.name)
+                    context.set_trailing_metadata(refusal.trailing)
+                    context.set_code(refusal.code)
+                    context.set_details(refusal.message)
+                    return None
             handler = first or await continuation(handler_call_details)
             request = handler.request_deserializer(raw) if handler.request_deserializer is not None else raw
             items = len(getattr(request, "requests", ())) or 1

@@ -31,10 +31,16 @@ process has not found good is refused before any lookup, ``RESOURCE_EXHAUSTED`` 
 refused), so the good callers behind a shared address (a NAT, a sidecar proxy) keep scoring while
 another caller there floods wrong keys; a brand-new key from such an address waits for the flood
 to stop. Recent failures are kept ``ttl_s`` (a negative cache): a repeated wrong key costs one HMAC
-and a dict lookup, no thread hop.
+and a dict lookup, no thread hop. The refusal past the budget is made by admission control, before
+the call is decoded or seen by any other interceptor, without an exception (``precheck``): at
+650 wrong keys a second it cost ~0.9 ms of server CPU per call through the whole chain.
 
 The caller reaches the handler through ``current_caller()`` (a context variable), which the admin
 RPC records in the audit log.
+
+Length: over 350 lines because the interceptor, its precheck and the two budgets it keeps (the
+failures per address, the lookups in memory) share the same state; apart, each would reach into
+the other's.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from prometheus_client import Counter
 from scoring_service.adapters.redis.rate_limit import RateLimiter
 from scoring_service.adapters.sql.keys import KeyStore, Principal
 from scoring_service.logging import get_logger
-from scoring_service.online.admission import PUSHBACK_KEY
+from scoring_service.online.admission import PUSHBACK_KEY, Refusal
 from scoring_service.online.tls import peer_names
 
 log = get_logger(__name__)
@@ -134,6 +140,15 @@ class FailureBudget:
             raise PeerLimited(address, math.ceil((1.0 - tokens) * 1000 / self.rate_per_s))
         bucket[0] = tokens - 1.0
 
+    def exhausted(self, address: str) -> int | None:
+        """How long until ``address`` has a failure to spend again (ms), or None when it has one now;
+        nothing is spent."""
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            return None
+        tokens = min(float(self.burst), bucket[0] + (time.monotonic() - bucket[1]) * self.rate_per_s)
+        return None if tokens >= 1.0 else math.ceil((1.0 - tokens) * 1000 / self.rate_per_s)
+
     def give_back(self, address: str) -> None:
         """Return the failure taken for a lookup that found a good key."""
         bucket = self._buckets.get(address)
@@ -206,6 +221,13 @@ class Authenticator:
                 pass  # refused as unknown or revoked anyway
         return principal
 
+    def found_good(self, secret: str | None, names: Callable[[], list[str]]) -> bool:
+        """Whether this process has found the caller's key (or, without one, its certificate's
+        names) good, fresh or not: what lets a caller through while its address is past its budget."""
+        key: object = ("key", self.store.hashes(secret)[0]) if secret is not None else ("mtls", tuple(names()))
+        found = self._found.get(key)
+        return found is not None and found[0].revoked_at is None
+
     async def by_key(self, secret: str, peer: Callable[[], str]) -> Principal | None:
         """The key's principal (None: unknown); ``peer`` gives the call's peer (grpc's ``context.peer``)."""
         digest = self.store.hashes(secret)[0]  # the cache is keyed by the hash, never by the key
@@ -276,6 +298,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
+    def precheck(self, context: grpc.aio.ServicerContext) -> Refusal | None:
+        """Run by admission control before the request is decoded or any other interceptor sees
+        it: a call from an address past its failed-authentication budget whose credentials this
+        process has not found good is refused there (``failure_budget``), with the pushback and no
+        exception; the same refusal ``_caller`` would make, at a fraction of its cost."""
+        address = peer_address(context.peer())
+        retry_after_ms = self.auth.failures.exhausted(address)
+        if retry_after_ms is None:
+            return None
+        secret = next((v for k, v in context.invocation_metadata() or () if k == API_KEY_HEADER), None)
+        if isinstance(secret, bytes):
+            secret = secret.decode(errors="replace")
+        if self.auth.found_good(secret, lambda: peer_names(context)):
+            return None
+        REFUSED.labels("failure_budget").inc()
+        self._log_refusal("failure_budget", None, address)
+        return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       self.auth.failures.message(PeerLimited(address, retry_after_ms)),
+                       ((PUSHBACK_KEY, str(retry_after_ms)),))
+
     async def _caller(self, context: grpc.aio.ServicerContext) -> Principal:
         secret = next((v for k, v in context.invocation_metadata() or () if k == API_KEY_HEADER), None)
         try:
@@ -307,13 +349,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     async def _refuse(self, context: grpc.aio.ServicerContext, reason: str, code: grpc.StatusCode, message: str,
                       caller: Principal | None = None, peer: str | None = None) -> NoReturn:
         REFUSED.labels(reason).inc()
+        self._log_refusal(reason, caller, peer)
+        await context.abort(code, message)
+        raise AssertionError("context.abort raises")  # for the type checker: abort never returns
+
+
+    def _log_refusal(self, reason: str, caller: Principal | None, peer: str | None) -> None:
         now = time.monotonic()
         if now - self._last_log.get(reason, 0.0) >= 1.0:  # at most a line a second per reason
             self._last_log[reason] = now
             log.warning("auth.refused", reason=reason, key_id=caller.key_id if caller else None, pid=os.getpid(),
                         **({"peer": peer} if peer else {}))
-        await context.abort(code, message)
-        raise AssertionError("context.abort raises")  # for the type checker: abort never returns
 
 
 class Security:
@@ -326,6 +372,10 @@ class Security:
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [self.interceptor] if self.interceptor is not None else []
+
+    def prechecks(self) -> list[Callable[[grpc.aio.ServicerContext], Refusal | None]]:
+        """What admission control checks before decoding a call (AuthInterceptor.precheck)."""
+        return [self.interceptor.precheck] if self.interceptor is not None else []
 
     def bind(self, server: grpc.aio.Server, address: str) -> int:
         """Listen on ``address`` with TLS when configured; the port (0 when it cannot)."""

@@ -253,7 +253,7 @@ class ScoringServer:
             {f"/{SERVICE_NAME}/Score", f"/{SERVICE_NAME}/ScoreBatch"}, max_in_flight=self.options.max_in_flight,
             min_time_s=self.options.min_call_time_ms / 1000.0, pushback_ms=self.options.pushback_ms,
             max_queue_s=self.options.max_queue_ms / 1000.0, queue_from_deadline=self.options.queue_from_deadline,
-            on_refused=self.refusal_observers,
+            on_refused=self.refusal_observers, prechecks=self.security.prechecks(),
         )
         self.server = grpc.aio.server(
             # admission first: a refused call costs no key check, decoding or telemetry wrapper (online/admission.py)

@@ -345,6 +345,50 @@ def test_a_call_refused_for_time_is_never_decoded_nor_seen_by_the_other_intercep
     asyncio.run(main())
 
 
+def test_a_precheck_refuses_a_call_before_it_is_decoded_or_reaches_the_other_interceptors():
+    """The failed-authentication budget (online/auth.py, AuthInterceptor.precheck) is checked here:
+    a caller past it costs no decoding, no telemetry wrapper and no key check, and no exception."""
+    from scoring_service.online.admission import Refusal
+
+    async def main():
+        blocked = {"ipv4:10.6.6.6:1"}
+        observed: list = []
+
+        def precheck(context):
+            if context.peer() in blocked:
+                return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many failed authentications",
+                               (("grpc-retry-pushback-ms", "700"),))
+            return None
+
+        admission = AdmissionControl({SCORE}, max_in_flight=10, min_time_s=0.005, pushback_ms=50,
+                                     on_refused=[lambda method, code: observed.append((method, code))],
+                                     prechecks=[precheck])
+        continued, decoded = [], []
+
+        async def behaviour(request, context):
+            return request
+
+        def decode(raw: bytes) -> str:
+            decoded.append(raw)
+            return raw.decode()
+
+        async def continuation(details):
+            continued.append(details.method)
+            return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=decode)
+
+        first = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        assert await first.unary_unary(b"one", FakeContext()) == "one"
+        gate = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
+        context = FakeContext(peer="ipv4:10.6.6.6:1")
+        await refused_with(gate, b"two", context, "too many failed authentications")
+        assert context.code is grpc.StatusCode.RESOURCE_EXHAUSTED and context.trailing == (("grpc-retry-pushback-ms", "700"),)
+        assert continued == [SCORE] and decoded == [b"one"] and observed == [("Score", "RESOURCE_EXHAUSTED")]
+        assert admission.in_flight == 0
+        assert await gate.unary_unary(b"three", FakeContext()) == "three"  # another caller passes
+
+    asyncio.run(main())
+
+
 def test_a_sent_timeout_that_its_call_s_deadline_contradicts_is_not_believed_the_wait_is_measured_per_connection():
     """Issue 21 (8): ``x-fraudscore-timeout-ms`` is the caller's word. A caller with 1 s deadlines
     that sent ``1`` had every wait taken for 0, in any mode: it opted out of the queueing bound. A

@@ -133,3 +133,49 @@ def test_a_batch_takes_a_token_per_payment_and_one_past_the_burst_is_never_taken
 
     allowed, pushback = asyncio.run(main())
     assert allowed == [True, False] and 0 < pushback <= 50  # one token back in 50 ms at 20/s
+
+
+class _Context:
+    """What a precheck reads of a call: its peer, its metadata and (no client certificate) auth context."""
+
+    def __init__(self, peer: str, secret: str | None) -> None:
+        self._peer, self._md = peer, ((("x-api-key", secret),) if secret is not None else ())
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> tuple:
+        return self._md
+
+    def auth_context(self) -> dict:
+        return {}
+
+
+def test_past_its_budget_an_address_is_refused_before_decoding_unless_its_key_was_found_good(store: KeyStore) -> None:
+    """AuthInterceptor.precheck, which admission control runs before decoding a call or passing it to
+    any other interceptor: the same refusal as the lookup path's (RESOURCE_EXHAUSTED, pushback),
+    without an exception, and never for a key this process found good."""
+    from scoring_service.online.auth import REFUSED, AuthInterceptor
+
+    async def main() -> None:
+        _, good = store.create("payments", ["score"])
+        assert good is not None
+        auth = Authenticator(store, ttl_s=5.0, failures=FailureBudget(rate_per_s=0.01, burst=3))
+        interceptor = AuthInterceptor(auth, RateLimiter(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05),
+                                      {"/x": "score"}, default_rate=10.0, default_burst=10)
+        address = "ipv4:10.7.7.7:5000"
+        assert interceptor.precheck(_Context(address, wrong())) is None  # a fresh address: looked up as usual
+        assert (await auth.by_key(good, lambda: address)) is not None
+        for _ in range(3):
+            assert (await auth.by_key(wrong(), lambda: address)) is None
+        refused_before = REFUSED.labels("failure_budget")._value.get()
+        refusal = interceptor.precheck(_Context(address, wrong()))
+        assert refusal is not None and refusal.code.name == "RESOURCE_EXHAUSTED"
+        assert "too many failed authentications from 10.7.7.7" in refusal.message
+        assert refusal.trailing[0][0] == "grpc-retry-pushback-ms" and int(refusal.trailing[0][1]) > 0
+        assert interceptor.precheck(_Context(address, None)) is not None  # no key at all: refused too
+        assert REFUSED.labels("failure_budget")._value.get() == refused_before + 2
+        assert interceptor.precheck(_Context(address, good)) is None  # the good key goes on to its checks
+        assert interceptor.precheck(_Context("ipv4:10.8.8.8:1", wrong())) is None  # another address
+
+    asyncio.run(main())
