@@ -315,21 +315,30 @@ def test_by_default_a_call_s_wait_is_its_sent_timeout_less_what_is_left_whatever
     asyncio.run(main())
 
 
+def echo_chain() -> tuple:
+    """A chain behind admission control that echoes the decoded request, and records each time it is
+    continued (the other interceptors) and each request it decodes."""
+    continued: list = []
+    decoded: list = []
+
+    async def behaviour(request, context):
+        return request
+
+    def decode(raw: bytes) -> str:
+        decoded.append(raw)
+        return raw.decode()
+
+    async def continuation(details):
+        continued.append(details.method)
+        return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=decode)
+
+    return continuation, continued, decoded
+
+
 def test_a_call_refused_for_time_is_never_decoded_nor_seen_by_the_other_interceptors():
     async def main():
         admission = AdmissionControl({SCORE}, max_in_flight=10, min_time_s=0.005, pushback_ms=50)
-        continued, decoded = [], []
-
-        async def behaviour(request, context):
-            return request
-
-        def decode(raw: bytes) -> str:
-            decoded.append(raw)
-            return raw.decode()
-
-        async def continuation(details):
-            continued.append(details.method)
-            return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=decode)
+        continuation, continued, decoded = echo_chain()
 
         first = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
         assert await first.unary_unary(b"one", FakeContext()) == "one" and continued == [SCORE]
@@ -363,18 +372,7 @@ def test_a_precheck_refuses_a_call_before_it_is_decoded_or_reaches_the_other_int
         admission = AdmissionControl({SCORE}, max_in_flight=10, min_time_s=0.005, pushback_ms=50,
                                      on_refused=[lambda method, code: observed.append((method, code))],
                                      prechecks=[precheck])
-        continued, decoded = [], []
-
-        async def behaviour(request, context):
-            return request
-
-        def decode(raw: bytes) -> str:
-            decoded.append(raw)
-            return raw.decode()
-
-        async def continuation(details):
-            continued.append(details.method)
-            return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=decode)
+        continuation, continued, decoded = echo_chain()
 
         first = await admission.intercept_service(continuation, SimpleNamespace(method=SCORE))
         assert await first.unary_unary(b"one", FakeContext()) == "one"
