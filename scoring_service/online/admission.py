@@ -256,13 +256,8 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
                                     self._queueing(waited))
             for precheck in self.prechecks:
                 refusal = precheck(context)
-                if refusal is not None:
-                    for observe in self.on_refused:
-                        observe(short, refusal.code.name)
-                    context.set_trailing_metadata(refusal.trailing)
-                    context.set_code(refusal.code)
-                    context.set_details(refusal.message)
-                    return None
+                if refusal is not None:  # counted and logged by the precheck
+                    return self._answer(context, short, refusal.code, refusal.message, refusal.trailing)
             handler = first or await continuation(handler_call_details)
             request = handler.request_deserializer(raw) if handler.request_deserializer is not None else raw
             items = len(getattr(request, "requests", ())) or 1
@@ -293,8 +288,6 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
                 message: str) -> None:
         """Answer ``code`` without an exception (gRPC sends no message with a status other than OK)."""
         REJECTED.labels(reason).inc()
-        for observe in self.on_refused:
-            observe(method, code.name)
         now = time.monotonic()
         if now - self._last_log.get(reason, 0.0) >= 1.0:
             self._last_log[reason] = now
@@ -303,8 +296,15 @@ class AdmissionControl(grpc.aio.ServerInterceptor):
                         max_in_flight=self.max_in_flight, loop_lag_ms=round(self.lag.lag_s * 1000, 1), detail=message)
         else:
             self._refused_since_log[reason] = self._refused_since_log.get(reason, 0) + 1
-        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-            context.set_trailing_metadata(self.pushback)
+        self._answer(context, method, code, message, self.pushback if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None)
+
+    def _answer(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, message: str,
+                trailing: tuple[tuple[str, str], ...] | None) -> None:
+        """End a refused call with ``code`` and ``message`` (and ``trailing``), seen by the ``on_refused`` observers."""
+        for observe in self.on_refused:
+            observe(method, code.name)
+        if trailing is not None:
+            context.set_trailing_metadata(trailing)
         context.set_code(code)
         context.set_details(message)
 

@@ -133,11 +133,11 @@ class FailureBudget:
             if len(self._buckets) >= self.max_peers:
                 del self._buckets[next(iter(self._buckets))]
             bucket = self._buckets[address] = [float(self.burst), now]
-        tokens = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate_per_s)
+        tokens = self._refilled(bucket, now)
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
-            raise PeerLimited(address, math.ceil((1.0 - tokens) * 1000 / self.rate_per_s))
+            raise PeerLimited(address, self._wait_ms(tokens))
         bucket[0] = tokens - 1.0
 
     def exhausted(self, address: str) -> int | None:
@@ -146,8 +146,16 @@ class FailureBudget:
         bucket = self._buckets.get(address)
         if bucket is None:
             return None
-        tokens = min(float(self.burst), bucket[0] + (time.monotonic() - bucket[1]) * self.rate_per_s)
-        return None if tokens >= 1.0 else math.ceil((1.0 - tokens) * 1000 / self.rate_per_s)
+        tokens = self._refilled(bucket, time.monotonic())
+        return None if tokens >= 1.0 else self._wait_ms(tokens)
+
+    def _refilled(self, bucket: list[float], now: float) -> float:
+        """The bucket's failures at ``now``: what it held, refilled since, at most the burst."""
+        return min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate_per_s)
+
+    def _wait_ms(self, tokens: float) -> int:
+        """How long until a bucket holding ``tokens`` (< 1) has one failure to spend."""
+        return math.ceil((1.0 - tokens) * 1000 / self.rate_per_s)
 
     def give_back(self, address: str) -> None:
         """Return the failure taken for a lookup that found a good key."""
